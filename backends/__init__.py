@@ -1,0 +1,17 @@
+"""Journal engines (memory, lmdb, s3) and the registry that opens them by URL.
+
+Importing this package imports no engine SDK; ``backends.lmdb`` and
+``backends.s3`` load theirs when first used.
+"""
+
+from backends._memory import MemoryBackend, MemoryStore
+from backends._registry import DEFAULT_URL, ENTRY_POINT_GROUP, open_backend, register_backend
+
+__all__ = [
+    "DEFAULT_URL",
+    "ENTRY_POINT_GROUP",
+    "MemoryBackend",
+    "MemoryStore",
+    "open_backend",
+    "register_backend",
+]

@@ -1,0 +1,34 @@
+"""The run/retry core: Runtime, Context, options and the errors handlers see.
+
+Imports only :mod:`journal`; engines are chosen at the edge.
+"""
+
+from context._context import Context
+from context._errors import (
+    ContextMisuseError,
+    HandlerNotFound,
+    InvocationMismatch,
+    NonDeterminismError,
+    TerminalError,
+)
+from context._options import RunOptions
+from context._retry import Clock, RetryDetails, SystemClock, is_testing, set_testing
+from context._runtime import HandlerSpec, RecoveryResult, Runtime
+
+__all__ = [
+    "Clock",
+    "Context",
+    "ContextMisuseError",
+    "HandlerNotFound",
+    "HandlerSpec",
+    "InvocationMismatch",
+    "NonDeterminismError",
+    "RecoveryResult",
+    "RetryDetails",
+    "RunOptions",
+    "Runtime",
+    "SystemClock",
+    "TerminalError",
+    "is_testing",
+    "set_testing",
+]

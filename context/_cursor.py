@@ -1,0 +1,70 @@
+"""The replay cursor: hands out journal indexes and matches them to the journal.
+
+It knows nothing of how closures run, so ``run``, futures and a future async
+context share it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+
+from context._errors import NonDeterminismError
+from journal import Entry, EntryKind, JournalBackend
+
+__all__ = ["ReplayCursor", "describe"]
+
+
+def describe(kind: EntryKind, name: str | None) -> str:
+    """How a step is named in error messages."""
+    return f"{kind.value} {name!r}" if name is not None else f"unnamed {kind.value}"
+
+
+class ReplayCursor:
+    """The position of one invocation attempt in its journal. Thread-safe."""
+
+    def __init__(self, backend: JournalBackend, invocation_id: str, recorded: Iterable[Entry]):
+        self.backend = backend
+        self.invocation_id = invocation_id
+        self._recorded = {entry.index: entry for entry in recorded}
+        self._next = 0
+        self._lock = threading.Lock()
+
+    @property
+    def next_index(self) -> int:
+        """The index the next step will take."""
+        return self._next
+
+    def is_replaying(self) -> bool:
+        """Whether steps not yet reached are already in the journal."""
+        with self._lock:
+            return any(index >= self._next for index in self._recorded)
+
+    def reserve(self, kind: EntryKind, name: str | None) -> tuple[int, Entry | None]:
+        """Take the next index; return it with the entry recorded there, if any.
+
+        Raises:
+            NonDeterminismError: the recorded entry is of another kind or name.
+        """
+        with self._lock:
+            index = self._next
+            self._next += 1
+            entry = self._recorded.get(index)
+        if entry is not None and (entry.kind is not kind or entry.name != name):
+            raise NonDeterminismError(
+                self.invocation_id,
+                index,
+                recorded=describe(entry.kind, entry.name),
+                asked=describe(kind, name),
+            )
+        return index, entry
+
+    def record(self, entry: Entry) -> None:
+        """Append ``entry`` create-only; it is durable when this returns.
+
+        Raises:
+            EntryConflict: another worker recorded this index first.
+        """
+        self.backend.append_entry(self.invocation_id, entry)
+        with self._lock:
+            self._recorded[entry.index] = entry

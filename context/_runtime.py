@@ -1,0 +1,321 @@
+"""The Runtime: registers handlers, runs invocations, resumes unfinished ones."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+import attrs
+
+from context._context import Context
+from context._cursor import ReplayCursor
+from context._errors import (
+    HandlerNotFound,
+    InvocationMismatch,
+    TerminalError,
+    failure_of,
+    terminal_from,
+)
+from context._options import RunOptions
+from context._retry import Clock, RetryHook, SystemClock
+from journal import (
+    Codec,
+    CodecError,
+    Invocation,
+    InvocationStatus,
+    JournalBackend,
+    VersionConflict,
+)
+
+__all__ = ["HandlerSpec", "RecoveryResult", "Runtime"]
+
+log = logging.getLogger("runjournal")
+
+F = TypeVar("F", bound=Callable[..., Any])
+Handler = Callable[[Context, Any], Any]
+
+
+@attrs.frozen
+class HandlerSpec:
+    """A registered handler: its stable name, function and input/output codec."""
+
+    name: str
+    fn: Handler
+    codec: Codec
+
+
+@attrs.frozen
+class RecoveryResult:
+    """What :meth:`Runtime.recover` did with one pending invocation.
+
+    ``status`` is the invocation's status afterwards; ``error`` is what the
+    attempt raised (a terminal failure, or why it is still pending).
+    """
+
+    invocation_id: str
+    handler: str
+    status: InvocationStatus
+    output: Any = None
+    error: BaseException | None = None
+
+
+def _open_default(url: str | Mapping[str, Any] | None) -> JournalBackend:
+    # The engine is chosen at the edge: `backends` is looked up when a Runtime
+    # is built without a ready backend, so `context` never imports an engine.
+    backends = importlib.import_module("backends")
+    backend: JournalBackend = backends.open_backend(url)
+    return backend
+
+
+class Runtime:
+    """Runs durable handlers against one journal.
+
+    Args:
+        backend: a ready :class:`journal.JournalBackend`; or a URL / config
+            mapping for ``backends.open_backend``; or None for
+            ``$RUNJOURNAL_URL``, else ``lmdb://.runjournal``. A backend the
+            Runtime opened itself is closed by :meth:`close`.
+        codec: the default codec of handler inputs and outputs (JSON).
+        options: the default :class:`RunOptions` of every run.
+        clock: where retries read time and sleep (tests pass a fake one).
+        on_retry: called with a :class:`RetryDetails` after each failed attempt.
+    """
+
+    def __init__(
+        self,
+        backend: JournalBackend | str | Mapping[str, Any] | None = None,
+        *,
+        codec: Codec | None = None,
+        options: RunOptions | None = None,
+        clock: Clock | None = None,
+        on_retry: RetryHook | None = None,
+    ) -> None:
+        if backend is None or isinstance(backend, (str, Mapping)):
+            self.backend = _open_default(backend)
+            self._owns_backend = True
+        elif isinstance(backend, JournalBackend):
+            self.backend = backend
+            self._owns_backend = False
+        else:
+            raise TypeError(
+                f"backend must be a journal.JournalBackend, a URL or None, got {backend!r}"
+            )
+        self.options = options if options is not None else RunOptions()
+        self.codec: Codec = codec if codec is not None else self.options.codec
+        self.clock: Clock = clock if clock is not None else SystemClock()
+        self.on_retry = on_retry
+        self._handlers: dict[str, HandlerSpec] = {}
+
+    # -- registration ----------------------------------------------------------
+
+    def handler(self, name: str, *, codec: Codec | None = None) -> Callable[[F], F]:
+        """Register a handler ``fn(ctx, input)`` under a stable ``name``.
+
+        The name is journaled with each invocation: keep it stable across
+        deploys, or pending invocations cannot be resumed.
+        """
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"a handler name must be a non-empty str, got {name!r}")
+
+        def register(fn: F) -> F:
+            if name in self._handlers and self._handlers[name].fn is not fn:
+                raise ValueError(f"a handler named {name!r} is already registered")
+            self._handlers[name] = HandlerSpec(name, fn, codec or self.codec)
+            return fn
+
+        return register
+
+    def _spec(self, handler: str | Callable[..., Any]) -> HandlerSpec:
+        if isinstance(handler, str):
+            spec = self._handlers.get(handler)
+        else:
+            spec = next((s for s in self._handlers.values() if s.fn is handler), None)
+        if spec is None:
+            known = ", ".join(sorted(self._handlers)) or "none"
+            raise HandlerNotFound(
+                f"no handler {handler!r} is registered on this Runtime (registered: {known}); "
+                "decorate it with @runtime.handler(name)"
+            )
+        return spec
+
+    # -- invocations -------------------------------------------------------------
+
+    def invoke(
+        self,
+        handler: str | Callable[..., Any],
+        input: Any = None,
+        *,
+        invocation_id: str | None = None,
+    ) -> Any:
+        """Run ``handler`` durably under ``invocation_id`` and return its output.
+
+        A completed invocation returns its journaled output (or re-raises its
+        terminal failure) without running the handler; a pending one replays
+        and continues.
+
+        Raises:
+            TerminalError: the handler failed terminally (now or before).
+            InvocationMismatch: the id was used with another handler or input.
+            EntryConflict: another worker is running this invocation.
+            Exception: whatever else the handler raised; the invocation stays
+                pending for a later ``invoke`` or :meth:`recover`.
+        """
+        spec = self._spec(handler)
+        inv_id = invocation_id if invocation_id is not None else uuid.uuid4().hex
+        try:
+            input_bytes = spec.codec.encode(input)
+        except Exception as exc:
+            raise CodecError(
+                f"handler {spec.name!r}: codec {spec.codec.name!r} cannot encode the input "
+                f"({type(input).__name__}): {exc}"
+            ) from exc
+        now = time.time()
+        stored, created = self.backend.create_invocation(
+            Invocation(
+                id=inv_id,
+                handler=spec.name,
+                input=input_bytes,
+                codec=spec.codec.name,
+                created_at=now,
+                updated_at=now,
+            )
+        )
+        if not created:
+            self._check_same(stored, spec, input_bytes)
+        return self._drive(spec, stored)
+
+    def _check_same(self, stored: Invocation, spec: HandlerSpec, input_bytes: bytes) -> None:
+        if stored.handler != spec.name:
+            raise InvocationMismatch(
+                f"invocation {stored.id!r} belongs to handler {stored.handler!r}, not "
+                f"{spec.name!r}; use another invocation id"
+            )
+        if stored.codec != spec.codec.name or stored.input != input_bytes:
+            raise InvocationMismatch(
+                f"invocation {stored.id!r} was started with another input; an id stands for "
+                "one request: use another invocation id, or resume it with the same input "
+                "(or with rt.recover())"
+            )
+
+    def _drive(self, spec: HandlerSpec, stored: Invocation) -> Any:
+        """Return a finished invocation's outcome, or run it to one."""
+        if stored.status is not InvocationStatus.PENDING:
+            return self._finished(spec, stored)
+        cursor = ReplayCursor(self.backend, stored.id, self.backend.read_entries(stored.id))
+        ctx = Context(
+            cursor,
+            handler=spec.name,
+            defaults=self.options,
+            clock=self.clock,
+            on_retry=self.on_retry,
+        )
+        input_value = self._decode(spec, stored.input, "input", stored.id)
+        try:
+            result = spec.fn(ctx, input_value)
+        except TerminalError as exc:
+            done = self._complete(stored, status=InvocationStatus.FAILED, failure=failure_of(exc))
+            return self._finished(spec, done, cause=exc)
+        try:
+            output = spec.codec.encode(result)
+        except Exception as exc:
+            raise CodecError(
+                f"handler {spec.name!r} (invocation {stored.id!r}): codec {spec.codec.name!r} "
+                f"cannot encode its output ({type(result).__name__}): {exc}; "
+                "the invocation stays pending"
+            ) from exc
+        done = self._complete(stored, status=InvocationStatus.COMPLETED, output=output)
+        return self._finished(spec, done)
+
+    def _complete(self, stored: Invocation, **outcome: Any) -> Invocation:
+        """Record the outcome with compare-and-swap; the first finisher wins."""
+        current = stored
+        while True:
+            try:
+                return self.backend.update_invocation(
+                    attrs.evolve(current, updated_at=time.time(), **outcome)
+                )
+            except VersionConflict:
+                latest = self.backend.get_invocation(stored.id)
+                if latest is None or latest.status is not InvocationStatus.PENDING:
+                    return latest or current
+                current = latest
+
+    def _finished(
+        self, spec: HandlerSpec, inv: Invocation, cause: BaseException | None = None
+    ) -> Any:
+        if inv.status is InvocationStatus.FAILED:
+            assert inv.failure is not None
+            raise terminal_from(inv.failure) from cause
+        assert inv.output is not None
+        return self._decode(spec, inv.output, "output", inv.id)
+
+    @staticmethod
+    def _decode(spec: HandlerSpec, data: bytes, what: str, inv_id: str) -> Any:
+        try:
+            return spec.codec.decode(data)
+        except Exception as exc:
+            raise CodecError(
+                f"handler {spec.name!r} (invocation {inv_id!r}): codec {spec.codec.name!r} "
+                f"cannot decode the journaled {what}: {exc}"
+            ) from exc
+
+    def resume(self, invocation_id: str) -> Any:
+        """Continue a journaled invocation with its journaled input."""
+        stored = self.backend.get_invocation(invocation_id)
+        if stored is None:
+            raise LookupError(f"no invocation {invocation_id!r} in this journal")
+        return self._drive(self._spec(stored.handler), stored)
+
+    def recover(self) -> list[RecoveryResult]:
+        """Resume every pending invocation whose handler is registered here.
+
+        Each is resumed with its journaled input; a failure of one does not
+        stop the others. Invocations of handlers not registered on this
+        Runtime are left alone (another service may own them).
+        """
+        results = []
+        for inv_id in list(self.backend.list_invocations(InvocationStatus.PENDING)):
+            stored = self.backend.get_invocation(inv_id)
+            if stored is None or stored.status is not InvocationStatus.PENDING:
+                continue
+            if stored.handler not in self._handlers:
+                log.info("recover: skipping %r of unknown handler %r", inv_id, stored.handler)
+                continue
+            try:
+                output = self._drive(self._handlers[stored.handler], stored)
+            except TerminalError as exc:
+                results.append(
+                    RecoveryResult(inv_id, stored.handler, InvocationStatus.FAILED, error=exc)
+                )
+            except Exception as exc:
+                log.warning("recover: %r is still pending: %s: %s", inv_id, type(exc).__name__, exc)
+                results.append(
+                    RecoveryResult(inv_id, stored.handler, InvocationStatus.PENDING, error=exc)
+                )
+            else:
+                results.append(
+                    RecoveryResult(inv_id, stored.handler, InvocationStatus.COMPLETED, output)
+                )
+        return results
+
+    def status(self, invocation_id: str) -> InvocationStatus | None:
+        """The stored status of an invocation, or None if there is none."""
+        stored = self.backend.get_invocation(invocation_id)
+        return None if stored is None else stored.status
+
+    # -- lifecycle --------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the backend if this Runtime opened it."""
+        if self._owns_backend:
+            self.backend.close()
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

@@ -1,0 +1,51 @@
+"""The storage-facing core of runjournal: records, the backend protocol, the
+record format, codecs and errors. Imports nothing else of runjournal's."""
+
+from journal._codec import Codec, JSONCodec, MsgpackCodec
+from journal._errors import (
+    BackendUnavailable,
+    CodecError,
+    ConflictError,
+    EntryConflict,
+    InvocationNotFound,
+    JournalCorrupt,
+    JournalError,
+    TransientError,
+    VersionConflict,
+)
+from journal._format import (
+    FORMAT_VERSION,
+    decode_entry,
+    decode_invocation,
+    encode_entry,
+    encode_invocation,
+)
+from journal._protocol import Capabilities, JournalBackend
+from journal._records import Entry, EntryKind, Failure, Invocation, InvocationStatus
+
+__all__ = [
+    "FORMAT_VERSION",
+    "BackendUnavailable",
+    "Capabilities",
+    "Codec",
+    "CodecError",
+    "ConflictError",
+    "Entry",
+    "EntryConflict",
+    "EntryKind",
+    "Failure",
+    "Invocation",
+    "InvocationNotFound",
+    "InvocationStatus",
+    "JSONCodec",
+    "JournalBackend",
+    "JournalCorrupt",
+    "JournalError",
+    "MsgpackCodec",
+    "TransientError",
+    "VersionConflict",
+    "decode_entry",
+    "decode_invocation",
+    "encode_entry",
+    "encode_invocation",
+]

@@ -1,0 +1,83 @@
+"""Codecs turn step results into journal bytes and back. No pickle, ever."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Protocol, runtime_checkable
+
+import msgpack
+
+from journal._errors import CodecError
+
+__all__ = ["Codec", "JSONCodec", "MsgpackCodec"]
+
+
+@runtime_checkable
+class Codec(Protocol):
+    """Encodes values to bytes and back.
+
+    ``name`` is stored beside every payload, so replay can tell when the code
+    asks for another codec than the one that wrote the bytes.
+    """
+
+    name: str
+
+    def encode(self, value: Any) -> bytes:
+        """Return ``value`` as bytes; raise :class:`CodecError` if it cannot."""
+        ...
+
+    def decode(self, data: bytes) -> Any:
+        """Return the value ``data`` encodes; raise :class:`CodecError` if it cannot."""
+        ...
+
+
+class JSONCodec:
+    """JSON with sorted keys and no spaces, so equal values give equal bytes.
+
+    NaN and infinity are refused (they are not JSON). Tuples come back as lists.
+    """
+
+    name = "json"
+
+    def encode(self, value: Any) -> bytes:
+        try:
+            text = json.dumps(
+                value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+            )
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise CodecError(
+                f"the json codec cannot encode a value of type {type(value).__name__}: {exc}"
+            ) from exc
+        return text.encode("utf-8")
+
+    def decode(self, data: bytes) -> Any:
+        try:
+            return json.loads(data)
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise CodecError(f"the json codec cannot decode {len(data)} bytes: {exc}") from exc
+
+    def __repr__(self) -> str:
+        return "JSONCodec()"
+
+
+class MsgpackCodec:
+    """msgpack: compact, and ``bytes`` round-trip as bytes. Tuples come back as lists."""
+
+    name = "msgpack"
+
+    def encode(self, value: Any) -> bytes:
+        try:
+            return msgpack.packb(value, use_bin_type=True)  # type: ignore[no-any-return]
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise CodecError(
+                f"the msgpack codec cannot encode a value of type {type(value).__name__}: {exc}"
+            ) from exc
+
+    def decode(self, data: bytes) -> Any:
+        try:
+            return msgpack.unpackb(data, raw=False, strict_map_key=False)
+        except Exception as exc:  # msgpack raises several unrelated types
+            raise CodecError(f"the msgpack codec cannot decode {len(data)} bytes: {exc}") from exc
+
+    def __repr__(self) -> str:
+        return "MsgpackCodec()"

@@ -1,0 +1,95 @@
+"""The contract between the run/retry core and a storage engine."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Protocol, runtime_checkable
+
+import attrs
+
+from journal._records import Entry, Invocation, InvocationStatus
+
+__all__ = ["Capabilities", "JournalBackend"]
+
+
+@attrs.frozen
+class Capabilities:
+    """What an engine can promise; only what the core or the kit branches on.
+
+    Attributes:
+        persistent: records outlive the process and a closed client
+            (the kit's reopen tests run only then).
+        shared: several processes may use the same journal at once
+            (the kit's and the runtime's cross-process checks run only then).
+        max_payload_bytes: the largest encoded record the engine accepts, or
+            None for no limit; the core refuses a bigger result with a clear
+            error before it reaches the engine.
+    """
+
+    persistent: bool
+    shared: bool
+    max_payload_bytes: int | None = None
+
+
+@runtime_checkable
+class JournalBackend(Protocol):
+    """A journal store. Every method is synchronous and thread-safe.
+
+    Engines raise only :mod:`journal` exceptions. Records are handed over as
+    attrs instances; how they are laid out is the engine's business (the
+    built-in engines use :func:`journal.encode_entry` and friends).
+    """
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """What this engine promises."""
+        ...
+
+    def create_invocation(self, invocation: Invocation) -> tuple[Invocation, bool]:
+        """Store ``invocation`` unless its id exists; atomic create-or-get.
+
+        Returns:
+            The stored record (version 1 when just created) and whether this
+            call created it. An existing record is returned unchanged.
+        """
+        ...
+
+    def get_invocation(self, invocation_id: str) -> Invocation | None:
+        """Return the stored invocation, or None."""
+        ...
+
+    def update_invocation(self, invocation: Invocation) -> Invocation:
+        """Replace the stored record if its version is ``invocation.version``.
+
+        Returns:
+            The record as stored, its version one higher.
+
+        Raises:
+            VersionConflict: the stored version differs (someone else wrote).
+            InvocationNotFound: nothing is stored under that id.
+        """
+        ...
+
+    def read_entries(self, invocation_id: str, start: int = 0) -> list[Entry]:
+        """Return the entries with index >= ``start``, in index order (gaps allowed)."""
+        ...
+
+    def append_entry(self, invocation_id: str, entry: Entry) -> None:
+        """Write ``entry`` at ``entry.index``, create-only; durable on return.
+
+        Raises:
+            EntryConflict: an entry already exists at that index.
+        """
+        ...
+
+    def list_invocations(self, status: InvocationStatus | None = None) -> Iterator[str]:
+        """Yield the ids of invocations with ``status`` (all if None), sorted."""
+        ...
+
+    def delete_invocation(self, invocation_id: str) -> bool:
+        """Delete an invocation and all its entries; False if there was none."""
+        ...
+
+    def close(self) -> None:
+        """Release resources; later calls raise BackendUnavailable. Idempotent."""
+        ...
