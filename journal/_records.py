@@ -36,6 +36,12 @@ class Failure:
 def _check_id(_: object, attribute: attrs.Attribute[str], value: str) -> None:
     if not isinstance(value, str) or not value:
         raise ValueError(f"{attribute.name} must be a non-empty str, got {value!r}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(
+            f"{attribute.name} {value!r} is not valid Unicode (it holds a lone surrogate)"
+        ) from None
 
 
 @attrs.frozen

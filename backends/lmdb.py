@@ -1,0 +1,647 @@
+"""The LMDB engine: the embedded default, durable and close to the disk's limit.
+
+Layout (three named databases in one environment):
+
+- ``invocations``: ``sha256(id)`` -> invocation record
+- ``entries``: ``sha256(id) + index (8 bytes, big-endian)`` -> entry record
+- ``status``: ``status letter + sha256(id)`` -> id (UTF-8), for listing by status
+
+Ids are hashed so any id fits LMDB's 511-byte key limit; every record keeps
+its full id, and a read checks it. Writes from all threads of a process go
+through one group committer: whoever finds no commit under way takes every
+queued write into one transaction, so many appends share one sync while each
+caller returns only after its own write is committed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from typing import Any, Final, TypeVar
+from urllib.parse import urlsplit
+
+import attrs
+import lmdb
+
+from journal import (
+    BackendUnavailable,
+    Capabilities,
+    Entry,
+    EntryConflict,
+    Invocation,
+    InvocationNotFound,
+    InvocationStatus,
+    JournalCorrupt,
+    JournalError,
+    TransientError,
+    VersionConflict,
+    decode_entry,
+    decode_invocation,
+    encode_entry,
+    encode_invocation,
+)
+
+__all__ = ["DEFAULT_MAP_SIZE", "LMDBBackend"]
+
+T = TypeVar("T")
+
+DEFAULT_MAP_SIZE: Final = 256 << 20
+_DB_NAMES: Final = (b"invocations", b"entries", b"status")
+_STATUS_PREFIX: Final = {
+    InvocationStatus.PENDING: b"p",
+    InvocationStatus.COMPLETED: b"c",
+    InvocationStatus.FAILED: b"f",
+}
+_INDEX_BYTES: Final = 8
+
+
+def _digest(invocation_id: str) -> bytes:
+    return hashlib.sha256(invocation_id.encode("utf-8")).digest()
+
+
+def _entry_key(digest: bytes, index: int) -> bytes:
+    return digest + index.to_bytes(_INDEX_BYTES, "big")
+
+
+# -- errors ------------------------------------------------------------------
+
+
+def _translate(path: str, exc: lmdb.Error) -> JournalError:
+    """The journal error an lmdb error stands for (its cause is set by the caller)."""
+    if isinstance(exc, (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.InvalidError)):
+        return JournalCorrupt(f"LMDB journal {path}: the database file is damaged: {exc}")
+    if isinstance(exc, (lmdb.ReadersFullError, lmdb.DiskError, lmdb.TlsFullError)):
+        return TransientError(f"LMDB journal {path}: {exc}")
+    return BackendUnavailable(f"LMDB journal {path}: {exc}")
+
+
+@contextmanager
+def _mapped(path: str) -> Iterator[None]:
+    """Turn lmdb's exceptions into the journal's; callers never see lmdb's."""
+    try:
+        yield
+    except lmdb.Error as exc:
+        raise _translate(path, exc) from exc
+
+
+# -- the shared environment --------------------------------------------------
+
+
+class _ResizeGate:
+    """Lets many transactions run at once, and a map resize run alone.
+
+    LMDB's ``set_mapsize`` requires that no transaction of this process be open.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._active = 0
+        self._resizing = False
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            while self._resizing:
+                self._cond.wait()
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._active -= 1
+                if not self._active:
+                    self._cond.notify_all()
+
+    def exclusive(self, fn: Callable[[], None]) -> None:
+        with self._cond:
+            while self._resizing:
+                self._cond.wait()
+            self._resizing = True
+            while self._active:
+                self._cond.wait()
+        try:
+            fn()
+        finally:
+            with self._cond:
+                self._resizing = False
+                self._cond.notify_all()
+
+
+@attrs.define(eq=False)
+class _Op:
+    """One queued write: ``fn`` runs inside the batch's write transaction."""
+
+    fn: Callable[[lmdb.Transaction], Any]
+    result: Any = None
+    error: BaseException | None = None
+    done: bool = False
+
+
+class _Environment:
+    """One open LMDB environment, shared by every client of its path in this process."""
+
+    def __init__(
+        self, env: lmdb.Environment, *, path: str, durable: bool, group_commit: bool
+    ) -> None:
+        self.env = env
+        self.path = path
+        self.durable = durable
+        self.group_commit = group_commit
+        self.pid = os.getpid()
+        self.refs = 0
+        self.gate = _ResizeGate()
+        self._cond = threading.Condition()
+        self._queue: list[_Op] = []
+        self._leading = False
+        try:
+            self.invocations, self.entries, self.status = (
+                env.open_db(name, create=True) for name in _DB_NAMES
+            )
+        except lmdb.DbsFullError as exc:
+            raise BackendUnavailable(
+                f"LMDB environment {path} must be opened with max_dbs >= {len(_DB_NAMES)}"
+            ) from exc
+        except lmdb.Error as exc:
+            raise _translate(path, exc) from exc
+
+    # -- reads ---------------------------------------------------------------
+
+    def read(self, fn: Callable[[lmdb.Transaction], T]) -> T:
+        while True:
+            with _mapped(self.path):
+                try:
+                    with self.gate.shared(), self.env.begin() as txn:
+                        return fn(txn)
+                except lmdb.MapResizedError:
+                    pass
+                self._adopt_map_size()
+
+    # -- writes ----------------------------------------------------------------
+
+    def write(self, fn: Callable[[lmdb.Transaction], T]) -> T:
+        """Run ``fn`` in a committed (and, if durable, synced) write transaction."""
+        op = _Op(fn)
+        if not self.group_commit:
+            self._commit([op])
+        else:
+            with self._cond:
+                self._queue.append(op)
+                while self._leading and not op.done:
+                    self._cond.wait()
+                if not op.done:
+                    # Lead: take everything queued so far into one transaction.
+                    self._leading = True
+                    batch, self._queue = self._queue, []
+            if not op.done:
+                try:
+                    self._commit(batch)
+                finally:
+                    with self._cond:
+                        self._leading = False
+                        self._cond.notify_all()
+        if op.error is not None:
+            raise op.error
+        return op.result  # type: ignore[no-any-return]
+
+    def _commit(self, batch: list[_Op]) -> None:
+        try:
+            while True:
+                try:
+                    self._commit_once(batch)
+                    return
+                except lmdb.MapFullError:
+                    self.gate.exclusive(self._grow)
+                except lmdb.MapResizedError:
+                    self._adopt_map_size()
+        except Exception as exc:
+            error = exc
+            if isinstance(exc, lmdb.Error):
+                error = _translate(self.path, exc)
+                error.__cause__ = exc
+            for op in batch:
+                op.error, op.result = error, None
+        except BaseException:
+            # KeyboardInterrupt or the like in the committing thread: nothing
+            # was committed; the other writers must not wait forever.
+            for op in batch:
+                op.error = TransientError(f"LMDB journal {self.path}: commit interrupted")
+            raise
+        finally:
+            for op in batch:
+                op.done = True
+
+    def _commit_once(self, batch: list[_Op]) -> None:
+        with self.gate.shared():
+            txn = self.env.begin(write=True)
+            try:
+                for op in batch:
+                    try:
+                        op.result, op.error = op.fn(txn), None
+                    except JournalError as exc:
+                        # Ops check before they write, so a refused op wrote nothing.
+                        op.result, op.error = None, exc
+                txn.commit()
+            except BaseException:
+                txn.abort()
+                raise
+
+    def _grow(self) -> None:
+        size = self.env.info()["map_size"]
+        self.env.set_mapsize(size * 2)
+
+    def _adopt_map_size(self) -> None:
+        # Another process grew the map; 0 means "take the size on disk".
+        self.gate.exclusive(lambda: self.env.set_mapsize(0))
+
+
+_environments: dict[str, _Environment] = {}
+_environments_lock = threading.Lock()
+
+
+def _forget_inherited_environments() -> None:
+    # A forked child must not use its parent's environments (LMDB forbids it).
+    # Closing the child's copies touches only the child: its reader slots (it
+    # has none) and its file descriptors (fcntl locks are not inherited). It
+    # lets the child open the same journal afresh, e.g. gunicorn --preload.
+    global _environments_lock
+    for environment in _environments.values():
+        with suppress(Exception):  # the copy is unusable anyway; nothing to report to
+            environment.env.close()
+    _environments.clear()
+    _environments_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_inherited_environments)
+
+
+def _prepare_directory(path: str) -> None:
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise BackendUnavailable(
+                f"LMDB journal path {path} is a file, not an LMDB environment directory; "
+                "point the URL at a new or existing journal directory"
+            )
+        if not os.path.exists(os.path.join(path, "data.mdb")) and os.listdir(path):
+            raise BackendUnavailable(
+                f"LMDB journal path {path} is a non-empty directory with no data.mdb, so it "
+                "is not an LMDB environment; use a new directory for the journal"
+            )
+        return
+    try:
+        os.makedirs(path, mode=0o700)
+    except OSError as exc:
+        raise BackendUnavailable(f"cannot create LMDB journal directory {path}: {exc}") from exc
+
+
+def _open_environment(
+    path: str, *, map_size: int, durable: bool, group_commit: bool, max_readers: int
+) -> _Environment:
+    _prepare_directory(path)
+    try:
+        env = lmdb.open(
+            path,
+            map_size=map_size,
+            max_dbs=len(_DB_NAMES),
+            max_readers=max_readers,
+            mode=0o600,
+            sync=durable,
+            metasync=durable,
+            readahead=False,
+        )
+    except (lmdb.InvalidError, lmdb.VersionMismatchError) as exc:
+        raise BackendUnavailable(
+            f"{path} is not an LMDB environment runjournal can open ({exc}); "
+            "use a new directory for the journal"
+        ) from exc
+    except (lmdb.Error, OSError) as exc:
+        raise BackendUnavailable(
+            f"cannot open LMDB journal {path}: {exc}. The directory must be writable "
+            "by this process"
+        ) from exc
+    return _Environment(env, path=path, durable=durable, group_commit=group_commit)
+
+
+# -- options -----------------------------------------------------------------
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+
+
+def _parse_size(value: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    else:
+        match = _SIZE.match(str(value))
+        if not match:
+            raise ValueError(
+                f"lmdb engine: map_size {value!r} is not a size; "
+                "write bytes or e.g. '512MB', '2GiB'"
+            )
+        unit = (match.group(2) or "b")[0].lower()
+        size = int(match.group(1)) << {"b": 0, "k": 10, "m": 20, "g": 30, "t": 40}[unit]
+    if size < 1 << 16:
+        raise ValueError(f"lmdb engine: map_size must be at least 64 KiB, got {value!r}")
+    return size
+
+
+def _parse_bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in {"1", "true", "yes", "on"}:
+        return True
+    if text in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError(f"lmdb engine: option {name} must be true or false, got {value!r}")
+
+
+def _parse_int(name: str, value: Any) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"lmdb engine: option {name} must be a whole number, got {value!r}"
+        ) from None
+    if number < 1:
+        raise ValueError(f"lmdb engine: option {name} must be >= 1, got {value!r}")
+    return number
+
+
+# -- the engine --------------------------------------------------------------
+
+
+class LMDBBackend:
+    """A journal in an LMDB environment on local disk.
+
+    Open it with :meth:`open` or ``open_backend("lmdb:///path")``; every
+    client of one path in one process shares one LMDB environment (LMDB
+    forbids opening it twice), and several processes may use the same path.
+
+    Args (of :meth:`open`):
+        path: the journal directory (created 0700; files 0600).
+        map_size: the initial map size; a full map grows automatically.
+        durable: sync every commit to disk (the default). ``durable=False``
+            skips the sync: much faster, but a power loss or OS crash may lose
+            the latest commits (a process crash loses nothing). Never the default.
+        group_commit: let concurrent writers share transactions (default on).
+        max_readers: LMDB's reader-slot table size (threads x processes reading).
+    """
+
+    def __init__(self, environment: lmdb.Environment | _Environment) -> None:
+        """Use a ready environment (opened with ``max_dbs >= 3``); the caller closes it."""
+        if isinstance(environment, lmdb.Environment):
+            flags = environment.flags()
+            environment = _Environment(
+                environment,
+                path=environment.path(),
+                durable=bool(flags["sync"]),
+                group_commit=True,
+            )
+            environment.refs = 1
+            self._owns_environment = False
+        else:
+            self._owns_environment = True
+        self._environment = environment
+        self._closed = False
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        map_size: int | str = DEFAULT_MAP_SIZE,
+        durable: bool = True,
+        group_commit: bool = True,
+        max_readers: int = 512,
+    ) -> LMDBBackend:
+        """Open (creating if needed) the journal at ``path``; see the class docstring."""
+        real = os.path.realpath(os.fspath(path))
+        size = _parse_size(map_size)
+        with _environments_lock:
+            environment = _environments.get(real)
+            if environment is not None and environment.pid != os.getpid():
+                environment = None
+            if environment is None:
+                environment = _open_environment(
+                    real,
+                    map_size=size,
+                    durable=durable,
+                    group_commit=group_commit,
+                    max_readers=max_readers,
+                )
+                _environments[real] = environment
+            elif (environment.durable, environment.group_commit) != (durable, group_commit):
+                raise ValueError(
+                    f"lmdb engine: {real} is already open in this process with "
+                    f"durable={environment.durable}, group_commit={environment.group_commit}; "
+                    "one process must use one setting per journal"
+                )
+            environment.refs += 1
+        return cls(environment)
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> LMDBBackend:
+        """Open ``lmdb:///absolute/path`` or ``lmdb://relative/path``.
+
+        Options (keywords, or the URL's query string): ``map_size`` (bytes or
+        ``"512MB"``), ``durable``, ``group_commit``, ``max_readers``.
+        """
+        parts = urlsplit(url)
+        if parts.scheme != "lmdb":
+            raise ValueError(f"not an lmdb:// URL: {url!r}")
+        path = parts.netloc + parts.path
+        if not path:
+            raise ValueError(
+                f"lmdb URL {url!r} names no directory; write lmdb:///abs/path or lmdb://rel/path"
+            )
+        known = {"map_size", "durable", "group_commit", "max_readers"}
+        unknown = set(options) - known
+        if unknown:
+            raise TypeError(
+                f"the lmdb engine has no option {', '.join(sorted(unknown))}; "
+                f"its options are {', '.join(sorted(known))}"
+            )
+        kwargs: dict[str, Any] = {}
+        if "map_size" in options:
+            kwargs["map_size"] = _parse_size(options["map_size"])
+        for flag in ("durable", "group_commit"):
+            if flag in options:
+                kwargs[flag] = _parse_bool(flag, options[flag])
+        if "max_readers" in options:
+            kwargs["max_readers"] = _parse_int("max_readers", options["max_readers"])
+        return cls.open(path, **kwargs)
+
+    @property
+    def path(self) -> str:
+        """The journal directory."""
+        return self._environment.path
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(persistent=True, shared=True)
+
+    def _env(self) -> _Environment:
+        if self._closed:
+            raise BackendUnavailable(f"this LMDB journal client ({self.path}) is closed")
+        if self._environment.pid != os.getpid():
+            raise BackendUnavailable(
+                f"this LMDB journal client ({self.path}) was opened in process "
+                f"{self._environment.pid} before a fork; open a new one in this process"
+            )
+        return self._environment
+
+    # -- records -------------------------------------------------------------
+
+    def _load(
+        self, txn: lmdb.Transaction, env: _Environment, invocation_id: str
+    ) -> Invocation | None:
+        data = txn.get(_digest(invocation_id), db=env.invocations)
+        if data is None:
+            return None
+        inv = decode_invocation(bytes(data))
+        if inv.id != invocation_id:
+            raise JournalCorrupt(
+                f"LMDB journal {env.path}: the record stored for {invocation_id!r} "
+                f"belongs to {inv.id!r}"
+            )
+        return inv
+
+    def create_invocation(self, invocation: Invocation) -> tuple[Invocation, bool]:
+        env = self._env()
+        stored = attrs.evolve(invocation, version=1)
+        data = encode_invocation(stored)
+        digest = _digest(invocation.id)
+        key = _STATUS_PREFIX[stored.status] + digest
+        id_bytes = invocation.id.encode("utf-8")
+
+        def op(txn: lmdb.Transaction) -> tuple[Invocation, bool]:
+            existing = self._load(txn, env, invocation.id)
+            if existing is not None:
+                return existing, False
+            txn.put(digest, data, db=env.invocations)
+            txn.put(key, id_bytes, db=env.status)
+            return stored, True
+
+        return env.write(op)
+
+    def get_invocation(self, invocation_id: str) -> Invocation | None:
+        env = self._env()
+        return env.read(lambda txn: self._load(txn, env, invocation_id))
+
+    def update_invocation(self, invocation: Invocation) -> Invocation:
+        env = self._env()
+        stored = attrs.evolve(invocation, version=invocation.version + 1)
+        data = encode_invocation(stored)
+        digest = _digest(invocation.id)
+        id_bytes = invocation.id.encode("utf-8")
+
+        def op(txn: lmdb.Transaction) -> Invocation:
+            current = self._load(txn, env, invocation.id)
+            if current is None:
+                raise InvocationNotFound(invocation.id)
+            if current.version != invocation.version:
+                raise VersionConflict(invocation.id, invocation.version, current.version)
+            txn.put(digest, data, db=env.invocations)
+            if current.status is not stored.status:
+                txn.delete(_STATUS_PREFIX[current.status] + digest, db=env.status)
+                txn.put(_STATUS_PREFIX[stored.status] + digest, id_bytes, db=env.status)
+            return stored
+
+        return env.write(op)
+
+    def read_entries(self, invocation_id: str, start: int = 0) -> list[Entry]:
+        env = self._env()
+        digest = _digest(invocation_id)
+
+        def op(txn: lmdb.Transaction) -> list[bytes]:
+            cursor = txn.cursor(db=env.entries)
+            found: list[bytes] = []
+            if cursor.set_range(_entry_key(digest, start)):
+                for key, value in cursor:
+                    if key[:32] != digest:
+                        break
+                    found.append(bytes(value))
+            return found
+
+        return [decode_entry(value) for value in env.read(op)]
+
+    def append_entry(self, invocation_id: str, entry: Entry) -> None:
+        env = self._env()
+        digest = _digest(invocation_id)
+        key = _entry_key(digest, entry.index)
+        data = encode_entry(entry)
+
+        def op(txn: lmdb.Transaction) -> None:
+            if txn.get(digest, db=env.invocations) is None:
+                raise InvocationNotFound(invocation_id)
+            if not txn.put(key, data, db=env.entries, overwrite=False):
+                raise EntryConflict(invocation_id, entry.index)
+
+        env.write(op)
+
+    def list_invocations(self, status: InvocationStatus | None = None) -> Iterator[str]:
+        env = self._env()
+        prefixes = [_STATUS_PREFIX[status]] if status is not None else list(_STATUS_PREFIX.values())
+
+        def op(txn: lmdb.Transaction) -> list[str]:
+            cursor = txn.cursor(db=env.status)
+            ids = []
+            for prefix in prefixes:
+                if not cursor.set_range(prefix):
+                    continue
+                for key, value in cursor:
+                    if key[:1] != prefix:
+                        break
+                    try:
+                        ids.append(bytes(value).decode("utf-8"))
+                    except UnicodeDecodeError as exc:
+                        raise JournalCorrupt(f"LMDB journal {env.path}: bad status index") from exc
+            return ids
+
+        return iter(sorted(env.read(op)))
+
+    def delete_invocation(self, invocation_id: str) -> bool:
+        env = self._env()
+        digest = _digest(invocation_id)
+
+        def op(txn: lmdb.Transaction) -> bool:
+            current = self._load(txn, env, invocation_id)
+            if current is None:
+                return False
+            cursor = txn.cursor(db=env.entries)
+            if cursor.set_range(digest):
+                while cursor.key()[:32] == digest:
+                    if not cursor.delete():
+                        break
+            txn.delete(_STATUS_PREFIX[current.status] + digest, db=env.status)
+            txn.delete(digest, db=env.invocations)
+            return True
+
+        return env.write(op)
+
+    def close(self) -> None:
+        """Release this client; the environment closes with its last client."""
+        if self._closed:
+            return
+        self._closed = True
+        environment = self._environment
+        if environment.pid != os.getpid() or not self._owns_environment:
+            return
+        with _environments_lock:
+            environment.refs -= 1
+            if environment.refs == 0:
+                if _environments.get(environment.path) is environment:
+                    del _environments[environment.path]
+                environment.env.close()
+
+    def __enter__(self) -> LMDBBackend:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"LMDBBackend({self.path!r}, durable={self._environment.durable})"

@@ -1,0 +1,430 @@
+"""The LMDB engine, on real LMDB files on disk."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import pytest
+
+from backends import open_backend
+from backends.lmdb import LMDBBackend, _digest, _entry_key
+from context import Context, Runtime
+from journal import (
+    BackendUnavailable,
+    EntryConflict,
+    InvocationStatus,
+    JournalBackend,
+)
+from journal.testing import JournalBackendTests, Opener, make_entry, make_invocation
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class TestLMDBBackend(JournalBackendTests):
+    @pytest.fixture
+    def open_backend(self, tmp_path: Path) -> Opener:
+        return lambda: LMDBBackend.open(tmp_path / "journal")
+
+    def _overwrite(self, backend: JournalBackend, db_name: str, key: bytes) -> None:
+        assert isinstance(backend, LMDBBackend)
+        environment = backend._environment
+        db = getattr(environment, db_name)
+        with environment.env.begin(write=True) as txn:
+            value = txn.get(key, db=db)
+            assert value is not None
+            txn.put(key, bytes(value)[:-1] + bytes([value[-1] ^ 0x55]), db=db)
+
+    def corrupt_entry(self, backend: JournalBackend, invocation_id: str, index: int) -> None:
+        self._overwrite(backend, "entries", _entry_key(_digest(invocation_id), index))
+
+    def corrupt_invocation(self, backend: JournalBackend, invocation_id: str) -> None:
+        self._overwrite(backend, "invocations", _digest(invocation_id))
+
+
+# -- opening -----------------------------------------------------------------
+
+
+def test_same_path_twice_shares_one_environment(tmp_path: Path) -> None:
+    a = LMDBBackend.open(tmp_path / "j")
+    b = open_backend(f"lmdb://{tmp_path}/j")
+    assert isinstance(b, LMDBBackend)
+    assert a._environment is b._environment
+    a.close()
+    # The environment stays open for the other client.
+    b.create_invocation(make_invocation("x"))
+    b.close()
+    c = LMDBBackend.open(tmp_path / "j")
+    assert c._environment is not a._environment
+    assert c.get_invocation("x") is not None
+    c.close()
+
+
+def test_conflicting_settings_in_one_process_are_refused(tmp_path: Path) -> None:
+    with LMDBBackend.open(tmp_path / "j"), pytest.raises(ValueError, match="durable=True"):
+        LMDBBackend.open(tmp_path / "j", durable=False)
+
+
+def test_relative_url_and_query_options(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    backend = open_backend("lmdb://rel/journal?map_size=1MB&durable=false&max_readers=64")
+    assert isinstance(backend, LMDBBackend)
+    assert backend.path == str(tmp_path / "rel" / "journal")
+    assert backend._environment.env.info()["map_size"] == 1 << 20
+    assert backend._environment.env.max_readers() == 64
+    assert backend._environment.durable is False
+    backend.close()
+
+
+@pytest.mark.parametrize(
+    ("query", "error", "match"),
+    [
+        ("mapsize=1", TypeError, "no option mapsize; its options are durable, group_commit"),
+        ("map_size=lots", ValueError, "map_size 'lots' is not a size"),
+        ("map_size=1KB", ValueError, "at least 64 KiB"),
+        ("durable=maybe", ValueError, "durable must be true or false"),
+        ("max_readers=0", ValueError, "max_readers must be >= 1"),
+    ],
+)
+def test_bad_options_are_named(tmp_path: Path, query: str, error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        open_backend(f"lmdb://{tmp_path}/j?{query}")
+
+
+def test_files_are_private(tmp_path: Path) -> None:
+    with LMDBBackend.open(tmp_path / "j") as backend:
+        backend.create_invocation(make_invocation())
+    assert stat.S_IMODE(os.stat(tmp_path / "j").st_mode) == 0o700
+    for name in ("data.mdb", "lock.mdb"):
+        assert stat.S_IMODE(os.stat(tmp_path / "j" / name).st_mode) == 0o600
+
+
+def test_a_file_is_not_an_environment(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("hello")
+    with pytest.raises(BackendUnavailable, match="is a file, not an LMDB environment"):
+        LMDBBackend.open(tmp_path / "file")
+
+
+def test_a_directory_of_other_things_is_not_an_environment(tmp_path: Path) -> None:
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "notes.txt").write_text("hello")
+    with pytest.raises(BackendUnavailable, match="no data.mdb, so it is not an LMDB environment"):
+        LMDBBackend.open(tmp_path / "docs")
+    assert sorted(os.listdir(tmp_path / "docs")) == ["notes.txt"]
+
+
+def test_a_damaged_data_file_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "data.mdb").write_bytes(os.urandom(16384))
+    with pytest.raises(BackendUnavailable, match="not an LMDB environment runjournal can open"):
+        LMDBBackend.open(tmp_path / "bad")
+
+
+@pytest.fixture
+def read_only_dir(tmp_path: Path) -> Iterator[Path]:
+    """A directory this process cannot write to, even as root (a read-only mount)."""
+    target = tmp_path / "ro"
+    target.mkdir()
+    if os.geteuid() != 0:
+        target.chmod(0o500)
+        yield target
+        target.chmod(0o700)
+        return
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(target)],
+        capture_output=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"running as root and cannot mount a read-only tmpfs: {mounted.stderr!r}")
+    try:
+        yield target
+    finally:
+        subprocess.run(["umount", str(target)], check=False)
+
+
+def test_a_read_only_directory_gets_a_clear_error(read_only_dir: Path) -> None:
+    with pytest.raises(BackendUnavailable, match="must be writable|cannot create"):
+        LMDBBackend.open(read_only_dir / "journal")
+    with pytest.raises(BackendUnavailable, match="must be writable|cannot open"):
+        LMDBBackend.open(read_only_dir)
+
+
+def test_a_ready_environment_can_be_handed_in(tmp_path: Path) -> None:
+    env = lmdb.open(str(tmp_path / "own"), max_dbs=3)
+    backend = LMDBBackend(env)
+    backend.create_invocation(make_invocation("x"))
+    backend.close()
+    assert LMDBBackend(env).get_invocation("x") is not None  # the caller's env is still open
+    env.close()
+    with pytest.raises(BackendUnavailable, match="max_dbs >= 3"):
+        LMDBBackend(lmdb.open(str(tmp_path / "few"), max_dbs=1))
+
+
+# -- growth ------------------------------------------------------------------
+
+
+def test_a_full_map_grows_and_the_write_is_retried(tmp_path: Path) -> None:
+    backend = LMDBBackend.open(tmp_path / "j", map_size=64 << 10)
+    inv, _ = backend.create_invocation(make_invocation())
+    payload = os.urandom(8 << 10)
+    for index in range(200):  # ~1.6 MB into a 64 KiB map
+        backend.append_entry(inv.id, make_entry(index, payload))
+    assert [e.index for e in backend.read_entries(inv.id)] == list(range(200))
+    assert backend._environment.env.info()["map_size"] >= 2 << 20
+    backend.close()
+
+
+def test_growth_under_concurrent_readers_and_writers(tmp_path: Path) -> None:
+    backend = LMDBBackend.open(tmp_path / "j", map_size=64 << 10)
+    ids = [backend.create_invocation(make_invocation(f"i{n}"))[0].id for n in range(8)]
+    errors: list[BaseException] = []
+
+    def work(inv_id: str) -> None:
+        try:
+            for index in range(40):
+                backend.append_entry(inv_id, make_entry(index, os.urandom(4096)))
+                assert len(backend.read_entries(inv_id)) == index + 1
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in ids]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert all(len(backend.read_entries(i)) == 40 for i in ids)
+    backend.close()
+
+
+# -- group commit ------------------------------------------------------------
+
+
+def test_group_commit_shares_one_transaction_between_waiting_writers(tmp_path: Path) -> None:
+    backend = LMDBBackend.open(tmp_path / "j")
+    environment = backend._environment
+    n = 24
+    ids = [backend.create_invocation(make_invocation(f"i{k}"))[0].id for k in range(n)]
+    before = environment.env.info()["last_txnid"]
+    release = threading.Event()
+    original = environment._commit_once
+
+    def first_commit_waits(batch: Any) -> None:
+        # Hold the first transaction until every other writer has queued behind it.
+        deadline = time.monotonic() + 30
+        while len(environment._queue) < n - 1 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        release.set()
+        environment._commit_once = original  # type: ignore[method-assign]
+        original(batch)
+
+    environment._commit_once = first_commit_waits  # type: ignore[method-assign]
+    threads = [
+        threading.Thread(target=backend.append_entry, args=(ids[k], make_entry(0)))
+        for k in range(n)
+    ]
+    threads[0].start()
+    time.sleep(0.05)  # let thread 0 become the leader
+    for t in threads[1:]:
+        t.start()
+    for t in threads:
+        t.join()
+    assert release.is_set()
+    assert environment.env.info()["last_txnid"] - before == 2  # 24 appends, 2 commits
+    assert all(len(backend.read_entries(i)) == 1 for i in ids)
+    backend.close()
+
+
+def test_group_commit_records_exactly_once_under_many_threads(tmp_path: Path) -> None:
+    """64 threads race on 20 shared indexes of 4 invocations: one winner per index."""
+    path = tmp_path / "j"
+    setup = LMDBBackend.open(path)
+    ids = [setup.create_invocation(make_invocation(f"inv{k}"))[0].id for k in range(4)]
+    threads_n = 64
+    barrier = threading.Barrier(threads_n)
+    wins: list[tuple[str, int, int]] = []
+    conflicts: list[tuple[str, int]] = []
+    lock = threading.Lock()
+
+    def worker(t: int) -> None:
+        client = LMDBBackend.open(path)
+        barrier.wait()
+        for index in range(20):
+            for inv_id in ids:
+                try:
+                    client.append_entry(inv_id, make_entry(index, str(t).encode()))
+                except EntryConflict:
+                    with lock:
+                        conflicts.append((inv_id, index))
+                else:
+                    with lock:
+                        wins.append((inv_id, index, t))
+        client.close()
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(threads_n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(wins) == 4 * 20
+    assert len({(i, x) for i, x, _ in wins}) == 4 * 20
+    assert len(conflicts) == 4 * 20 * (threads_n - 1)
+    for inv_id in ids:
+        recorded = {e.index: int(e.payload or b"") for e in setup.read_entries(inv_id)}
+        assert recorded == {x: t for i, x, t in wins if i == inv_id}
+    setup.close()
+
+
+# -- processes ---------------------------------------------------------------
+
+
+def _child_uses_inherited_and_new(path: str, queue: Any) -> None:
+    inherited = _INHERITED[0]
+    try:
+        inherited.get_invocation("x")
+        queue.put("inherited client worked")
+    except BackendUnavailable as exc:
+        fresh = LMDBBackend.open(path)
+        ok = fresh.get_invocation("x") is not None
+        fresh.append_entry("x", make_entry(1))
+        fresh.close()
+        queue.put(f"ok {ok} {'before a fork' in str(exc)}")
+
+
+_INHERITED: list[LMDBBackend] = []
+
+
+def test_a_forked_child_opens_its_own_environment(tmp_path: Path) -> None:
+    parent = LMDBBackend.open(tmp_path / "j")
+    parent.create_invocation(make_invocation("x"))
+    parent.append_entry("x", make_entry(0))
+    _INHERITED[:] = [parent]
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_child_uses_inherited_and_new, args=(str(tmp_path / "j"), queue))
+    child.start()
+    child.join(60)
+    assert queue.get(timeout=5) == "ok True True"
+    assert [e.index for e in parent.read_entries("x")] == [0, 1]
+    parent.close()
+
+
+RACER = """
+import sys, time
+from backends.lmdb import LMDBBackend
+from journal import EntryConflict
+from journal.testing import make_entry
+path, who, start = sys.argv[1], sys.argv[2], float(sys.argv[3])
+backend = LMDBBackend.open(path)
+while time.time() < start:
+    time.sleep(0.001)
+won = 0
+for index in range(50):
+    try:
+        backend.append_entry("shared", make_entry(index, who.encode()))
+        won += 1
+    except EntryConflict:
+        pass
+print(won)
+"""
+
+
+def test_two_processes_race_on_one_journal(tmp_path: Path) -> None:
+    path = tmp_path / "j"
+    with LMDBBackend.open(path) as backend:
+        backend.create_invocation(make_invocation("shared"))
+    start = time.time() + 1.5
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", RACER, str(path), who, str(start)],
+            stdout=subprocess.PIPE,
+            cwd=ROOT,
+        )
+        for who in ("a", "b", "c")
+    ]
+    won = [int(p.communicate(timeout=120)[0]) for p in procs]
+    assert sum(won) == 50
+    with LMDBBackend.open(path) as backend:
+        entries = backend.read_entries("shared")
+    assert [e.index for e in entries] == list(range(50))
+    assert sorted(won) == sorted(
+        sum(1 for e in entries if e.payload == who.encode()) for who in ("a", "b", "c")
+    )
+
+
+WORKER = """
+import os, sys
+from context import Context, Runtime
+path, effects, crash_after = sys.argv[1], sys.argv[2], int(sys.argv[3])
+rt = Runtime(f"lmdb://{path}")
+
+def effect(name):
+    with open(effects, "a") as f:
+        f.write(name + "\\n")
+    return name.upper()
+
+@rt.handler("steps")
+def steps(ctx: Context, n: int) -> list:
+    out = []
+    for i in range(n):
+        out.append(ctx.run(lambda i=i: effect(f"step{i}"), name=f"step{i}"))
+        if i + 1 == crash_after:
+            os._exit(17)  # the process dies: no cleanup, no exception
+    return out
+
+print(rt.invoke("steps", 5, invocation_id="inv-1"))
+"""
+
+
+def test_a_killed_process_is_completed_by_another(tmp_path: Path) -> None:
+    path, effects = tmp_path / "j", tmp_path / "effects.log"
+    first = subprocess.run(
+        [sys.executable, "-c", WORKER, str(path), str(effects), "3"], cwd=ROOT, check=False
+    )
+    assert first.returncode == 17
+    assert effects.read_text().split() == ["step0", "step1", "step2"]
+    second = subprocess.run(
+        [sys.executable, "-c", WORKER, str(path), str(effects), "0"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert second.stdout.strip() == "['STEP0', 'STEP1', 'STEP2', 'STEP3', 'STEP4']"
+    assert effects.read_text().split() == [f"step{i}" for i in range(5)]
+    with LMDBBackend.open(path) as backend:
+        stored = backend.get_invocation("inv-1")
+        assert stored is not None and stored.status is InvocationStatus.COMPLETED
+
+
+# -- the default -------------------------------------------------------------
+
+
+def test_runtime_defaults_to_lmdb_in_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RUNJOURNAL_URL", raising=False)
+    with Runtime() as rt:
+        assert isinstance(rt.backend, LMDBBackend)
+        assert rt.backend.path == str(tmp_path / ".runjournal")
+    monkeypatch.setenv("RUNJOURNAL_URL", f"lmdb://{tmp_path}/elsewhere")
+    with Runtime() as rt:
+        assert isinstance(rt.backend, LMDBBackend)
+        assert rt.backend.path == str(tmp_path / "elsewhere")
+
+        @rt.handler("h")
+        def h(ctx: Context, x: int) -> int:
+            return ctx.run(lambda: x + 1, name="inc")  # type: ignore[no-any-return]
+
+        assert rt.invoke("h", 1, invocation_id="a") == 2
