@@ -1,10 +1,11 @@
 """The LMDB engine: the embedded default, durable and close to the disk's limit.
 
-Layout (three named databases in one environment):
+Layout (one LMDB database; a commit then dirties as few pages as possible):
 
-- ``invocations``: ``sha256(id)`` -> invocation record
-- ``entries``: ``sha256(id) + index (8 bytes, big-endian)`` -> entry record
-- ``status``: ``status letter + sha256(id)`` -> id (UTF-8), for listing by status
+- ``b"m"``: the layout marker, ``b"runjournal-lmdb/1"``
+- ``b"i" + sha256(id)`` -> invocation record
+- ``b"e" + sha256(id) + index (8 bytes, big-endian)`` -> entry record
+- ``b"s" + status letter + sha256(id)`` -> id (UTF-8), for listing by status
 
 Ids are hashed so any id fits LMDB's 511-byte key limit; every record keeps
 its full id, and a read checks it. Writes from all threads of a process go
@@ -50,11 +51,12 @@ __all__ = ["DEFAULT_MAP_SIZE", "LMDBBackend"]
 T = TypeVar("T")
 
 DEFAULT_MAP_SIZE: Final = 256 << 20
-_DB_NAMES: Final = (b"invocations", b"entries", b"status")
+_MARKER_KEY: Final = b"m"
+_MARKER: Final = b"runjournal-lmdb/1"
 _STATUS_PREFIX: Final = {
-    InvocationStatus.PENDING: b"p",
-    InvocationStatus.COMPLETED: b"c",
-    InvocationStatus.FAILED: b"f",
+    InvocationStatus.PENDING: b"sp",
+    InvocationStatus.COMPLETED: b"sc",
+    InvocationStatus.FAILED: b"sf",
 }
 _INDEX_BYTES: Final = 8
 
@@ -63,8 +65,16 @@ def _digest(invocation_id: str) -> bytes:
     return hashlib.sha256(invocation_id.encode("utf-8")).digest()
 
 
+def _invocation_key(digest: bytes) -> bytes:
+    return b"i" + digest
+
+
+def _entries_prefix(digest: bytes) -> bytes:
+    return b"e" + digest
+
+
 def _entry_key(digest: bytes, index: int) -> bytes:
-    return digest + index.to_bytes(_INDEX_BYTES, "big")
+    return b"e" + digest + index.to_bytes(_INDEX_BYTES, "big")
 
 
 # -- errors ------------------------------------------------------------------
@@ -102,19 +112,17 @@ class _ResizeGate:
         self._active = 0
         self._resizing = False
 
-    @contextmanager
-    def shared(self) -> Iterator[None]:
+    def enter(self) -> None:
         with self._cond:
             while self._resizing:
                 self._cond.wait()
             self._active += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._active -= 1
-                if not self._active:
-                    self._cond.notify_all()
+
+    def exit(self) -> None:
+        with self._cond:
+            self._active -= 1
+            if not self._active and self._resizing:
+                self._cond.notify_all()
 
     def exclusive(self, fn: Callable[[], None]) -> None:
         with self._cond:
@@ -131,14 +139,23 @@ class _ResizeGate:
                 self._cond.notify_all()
 
 
-@attrs.define(eq=False)
 class _Op:
-    """One queued write: ``fn`` runs inside the batch's write transaction."""
+    """One queued write: ``fn`` runs inside the batch's write transaction.
 
-    fn: Callable[[lmdb.Transaction], Any]
-    result: Any = None
-    error: BaseException | None = None
-    done: bool = False
+    ``wake`` is held from birth; the committer releases it once the op is
+    done, or once it hands the op's thread the lead (``lead``), so each
+    waiting writer is woken exactly once.
+    """
+
+    __slots__ = ("error", "fn", "lead", "result", "wake")
+
+    def __init__(self, fn: Callable[[lmdb.Transaction], Any]) -> None:
+        self.fn = fn
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.lead = False
+        self.wake = threading.Lock()
+        self.wake.acquire()
 
 
 class _Environment:
@@ -154,58 +171,82 @@ class _Environment:
         self.pid = os.getpid()
         self.refs = 0
         self.gate = _ResizeGate()
-        self._cond = threading.Condition()
+        self._mutex = threading.Lock()
         self._queue: list[_Op] = []
         self._leading = False
-        try:
-            self.invocations, self.entries, self.status = (
-                env.open_db(name, create=True) for name in _DB_NAMES
-            )
-        except lmdb.DbsFullError as exc:
-            raise BackendUnavailable(
-                f"LMDB environment {path} must be opened with max_dbs >= {len(_DB_NAMES)}"
-            ) from exc
-        except lmdb.Error as exc:
-            raise _translate(path, exc) from exc
+        with _mapped(path), env.begin(write=True) as txn:
+            marker = txn.get(_MARKER_KEY)
+            if marker is None:
+                if txn.stat()["entries"]:
+                    raise BackendUnavailable(
+                        f"{path} is an LMDB environment of something else, not a runjournal "
+                        "journal; use a new directory for the journal"
+                    )
+                txn.put(_MARKER_KEY, _MARKER)
+            elif marker != _MARKER:
+                raise BackendUnavailable(
+                    f"{path} holds a runjournal journal of layout {bytes(marker)!r}, which "
+                    f"this version (layout {_MARKER!r}) cannot read; upgrade runjournal"
+                )
 
     # -- reads ---------------------------------------------------------------
 
     def read(self, fn: Callable[[lmdb.Transaction], T]) -> T:
         while True:
             with _mapped(self.path):
+                self.gate.enter()
                 try:
-                    with self.gate.shared(), self.env.begin() as txn:
+                    with self.env.begin() as txn:
                         return fn(txn)
                 except lmdb.MapResizedError:
                     pass
+                finally:
+                    self.gate.exit()
                 self._adopt_map_size()
 
     # -- writes ----------------------------------------------------------------
 
     def write(self, fn: Callable[[lmdb.Transaction], T]) -> T:
-        """Run ``fn`` in a committed (and, if durable, synced) write transaction."""
+        """Run ``fn`` in a committed (and, if durable, synced) write transaction.
+
+        With group commit, the first writer to find no commit under way leads:
+        it commits everything queued so far in one transaction, wakes each
+        writer whose op it committed, and hands the lead to the first writer
+        that queued meanwhile.
+        """
         op = _Op(fn)
         if not self.group_commit:
             self._commit([op])
         else:
-            with self._cond:
+            with self._mutex:
                 self._queue.append(op)
-                while self._leading and not op.done:
-                    self._cond.wait()
-                if not op.done:
-                    # Lead: take everything queued so far into one transaction.
-                    self._leading = True
-                    batch, self._queue = self._queue, []
-            if not op.done:
-                try:
-                    self._commit(batch)
-                finally:
-                    with self._cond:
-                        self._leading = False
-                        self._cond.notify_all()
+                lead = not self._leading
+                self._leading = True
+            if not lead:
+                op.wake.acquire()
+                lead = op.lead
+            if lead:
+                self._lead()
         if op.error is not None:
             raise op.error
         return op.result  # type: ignore[no-any-return]
+
+    def _lead(self) -> None:
+        with self._mutex:
+            batch, self._queue = self._queue, []
+        try:
+            self._commit(batch)
+        finally:
+            with self._mutex:
+                successor = self._queue[0] if self._queue else None
+                if successor is None:
+                    self._leading = False
+                else:
+                    successor.lead = True
+            for op in batch:
+                op.wake.release()
+            if successor is not None:
+                successor.wake.release()
 
     def _commit(self, batch: list[_Op]) -> None:
         try:
@@ -230,12 +271,10 @@ class _Environment:
             for op in batch:
                 op.error = TransientError(f"LMDB journal {self.path}: commit interrupted")
             raise
-        finally:
-            for op in batch:
-                op.done = True
 
     def _commit_once(self, batch: list[_Op]) -> None:
-        with self.gate.shared():
+        self.gate.enter()
+        try:
             txn = self.env.begin(write=True)
             try:
                 for op in batch:
@@ -248,6 +287,8 @@ class _Environment:
             except BaseException:
                 txn.abort()
                 raise
+        finally:
+            self.gate.exit()
 
     def _grow(self) -> None:
         size = self.env.info()["map_size"]
@@ -305,7 +346,6 @@ def _open_environment(
         env = lmdb.open(
             path,
             map_size=map_size,
-            max_dbs=len(_DB_NAMES),
             max_readers=max_readers,
             mode=0o600,
             sync=durable,
@@ -322,7 +362,11 @@ def _open_environment(
             f"cannot open LMDB journal {path}: {exc}. The directory must be writable "
             "by this process"
         ) from exc
-    return _Environment(env, path=path, durable=durable, group_commit=group_commit)
+    try:
+        return _Environment(env, path=path, durable=durable, group_commit=group_commit)
+    except BaseException:
+        env.close()
+        raise
 
 
 # -- options -----------------------------------------------------------------
@@ -391,7 +435,7 @@ class LMDBBackend:
     """
 
     def __init__(self, environment: lmdb.Environment | _Environment) -> None:
-        """Use a ready environment (opened with ``max_dbs >= 3``); the caller closes it."""
+        """Use a ready environment (its main database holds the journal); the caller closes it."""
         if isinstance(environment, lmdb.Environment):
             flags = environment.flags()
             environment = _Environment(
@@ -498,7 +542,7 @@ class LMDBBackend:
     def _load(
         self, txn: lmdb.Transaction, env: _Environment, invocation_id: str
     ) -> Invocation | None:
-        data = txn.get(_digest(invocation_id), db=env.invocations)
+        data = txn.get(_invocation_key(_digest(invocation_id)))
         if data is None:
             return None
         inv = decode_invocation(bytes(data))
@@ -521,8 +565,8 @@ class LMDBBackend:
             existing = self._load(txn, env, invocation.id)
             if existing is not None:
                 return existing, False
-            txn.put(digest, data, db=env.invocations)
-            txn.put(key, id_bytes, db=env.status)
+            txn.put(_invocation_key(digest), data)
+            txn.put(key, id_bytes)
             return stored, True
 
         return env.write(op)
@@ -544,10 +588,10 @@ class LMDBBackend:
                 raise InvocationNotFound(invocation.id)
             if current.version != invocation.version:
                 raise VersionConflict(invocation.id, invocation.version, current.version)
-            txn.put(digest, data, db=env.invocations)
+            txn.put(_invocation_key(digest), data)
             if current.status is not stored.status:
-                txn.delete(_STATUS_PREFIX[current.status] + digest, db=env.status)
-                txn.put(_STATUS_PREFIX[stored.status] + digest, id_bytes, db=env.status)
+                txn.delete(_STATUS_PREFIX[current.status] + digest)
+                txn.put(_STATUS_PREFIX[stored.status] + digest, id_bytes)
             return stored
 
         return env.write(op)
@@ -555,13 +599,14 @@ class LMDBBackend:
     def read_entries(self, invocation_id: str, start: int = 0) -> list[Entry]:
         env = self._env()
         digest = _digest(invocation_id)
+        prefix = _entries_prefix(digest)
 
         def op(txn: lmdb.Transaction) -> list[bytes]:
-            cursor = txn.cursor(db=env.entries)
+            cursor = txn.cursor()
             found: list[bytes] = []
             if cursor.set_range(_entry_key(digest, start)):
                 for key, value in cursor:
-                    if key[:32] != digest:
+                    if key[: len(prefix)] != prefix:
                         break
                     found.append(bytes(value))
             return found
@@ -572,12 +617,13 @@ class LMDBBackend:
         env = self._env()
         digest = _digest(invocation_id)
         key = _entry_key(digest, entry.index)
+        invocation_key = _invocation_key(digest)
         data = encode_entry(entry)
 
         def op(txn: lmdb.Transaction) -> None:
-            if txn.get(digest, db=env.invocations) is None:
+            if txn.get(invocation_key) is None:
                 raise InvocationNotFound(invocation_id)
-            if not txn.put(key, data, db=env.entries, overwrite=False):
+            if not txn.put(key, data, overwrite=False):
                 raise EntryConflict(invocation_id, entry.index)
 
         env.write(op)
@@ -587,13 +633,13 @@ class LMDBBackend:
         prefixes = [_STATUS_PREFIX[status]] if status is not None else list(_STATUS_PREFIX.values())
 
         def op(txn: lmdb.Transaction) -> list[str]:
-            cursor = txn.cursor(db=env.status)
+            cursor = txn.cursor()
             ids = []
             for prefix in prefixes:
                 if not cursor.set_range(prefix):
                     continue
                 for key, value in cursor:
-                    if key[:1] != prefix:
+                    if key[: len(prefix)] != prefix:
                         break
                     try:
                         ids.append(bytes(value).decode("utf-8"))
@@ -611,13 +657,14 @@ class LMDBBackend:
             current = self._load(txn, env, invocation_id)
             if current is None:
                 return False
-            cursor = txn.cursor(db=env.entries)
-            if cursor.set_range(digest):
-                while cursor.key()[:32] == digest:
+            cursor = txn.cursor()
+            prefix = _entries_prefix(digest)
+            if cursor.set_range(prefix):
+                while bytes(cursor.key()).startswith(prefix):
                     if not cursor.delete():
                         break
-            txn.delete(_STATUS_PREFIX[current.status] + digest, db=env.status)
-            txn.delete(digest, db=env.invocations)
+            txn.delete(_STATUS_PREFIX[current.status] + digest)
+            txn.delete(_invocation_key(digest))
             return True
 
         return env.write(op)

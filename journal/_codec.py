@@ -38,12 +38,14 @@ class JSONCodec:
     """
 
     name = "json"
+    _encoder = json.JSONEncoder(
+        sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    )
+    _decoder = json.JSONDecoder()
 
     def encode(self, value: Any) -> bytes:
         try:
-            text = json.dumps(
-                value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-            )
+            text = self._encoder.encode(value)
         except (TypeError, ValueError, RecursionError) as exc:
             raise CodecError(
                 f"the json codec cannot encode a value of type {type(value).__name__}: {exc}"
@@ -52,8 +54,8 @@ class JSONCodec:
 
     def decode(self, data: bytes) -> Any:
         try:
-            return json.loads(data)
-        except (TypeError, ValueError, RecursionError) as exc:
+            return self._decoder.decode(data.decode("utf-8"))
+        except (AttributeError, TypeError, ValueError, RecursionError) as exc:
             raise CodecError(f"the json codec cannot decode {len(data)} bytes: {exc}") from exc
 
     def __repr__(self) -> str:

@@ -160,6 +160,9 @@ def encode_entry(entry: Entry) -> bytes:
     )
 
 
+_KINDS: Final = {kind.value: kind for kind in EntryKind}
+
+
 def decode_entry(data: bytes) -> Entry:
     """Parse an entry record.
 
@@ -169,20 +172,29 @@ def decode_entry(data: bytes) -> Entry:
     body = _unframe(data, _ENTRY, "entry")
     if len(body) != 8:
         raise JournalCorrupt(f"entry record: {len(body)} fields, expected 8")
+    index, kind, name, payload, codec, failure, created_at, attempts = body
+    # Replay decodes every entry, so the checks are inline rather than per-field calls.
+    if type(index) is not int or index < 0:
+        raise JournalCorrupt(f"entry record: bad index {index!r}")
     try:
-        kind = EntryKind(body[1])
-    except ValueError as exc:
-        raise JournalCorrupt(f"entry record: unknown kind {body[1]!r}") from exc
-    try:
-        return Entry(
-            index=_typed(body[0], int, "index"),
-            kind=kind,
-            name=_typed(body[2], (str, type(None)), "name"),
-            payload=_typed(body[3], (bytes, type(None)), "payload"),
-            codec=_typed(body[4], str, "codec"),
-            failure=_decode_failure(body[5]),
-            created_at=_number(body[6], "created_at"),
-            attempts=_typed(body[7], int, "attempts"),
-        )
-    except ValueError as exc:
-        raise JournalCorrupt(f"entry record: {exc}") from exc
+        entry_kind = _KINDS[kind]
+    except (KeyError, TypeError):
+        raise JournalCorrupt(f"entry record: unknown kind {kind!r}") from None
+    if name is not None and type(name) is not str:
+        raise JournalCorrupt(f"entry record: field 'name' has type {type(name).__name__}")
+    if payload is not None and type(payload) is not bytes:
+        raise JournalCorrupt(f"entry record: field 'payload' has type {type(payload).__name__}")
+    if type(codec) is not str:
+        raise JournalCorrupt(f"entry record: field 'codec' has type {type(codec).__name__}")
+    if type(attempts) is not int:
+        raise JournalCorrupt(f"entry record: field 'attempts' has type {type(attempts).__name__}")
+    return Entry(
+        index,
+        entry_kind,
+        name,
+        payload,
+        codec,
+        None if failure is None else _decode_failure(failure),
+        _number(created_at, "created_at"),
+        attempts,
+    )

@@ -17,7 +17,7 @@ import lmdb
 import pytest
 
 from backends import open_backend
-from backends.lmdb import LMDBBackend, _digest, _entry_key
+from backends.lmdb import LMDBBackend, _digest, _entry_key, _invocation_key
 from context import Context, Runtime
 from journal import (
     BackendUnavailable,
@@ -35,20 +35,18 @@ class TestLMDBBackend(JournalBackendTests):
     def open_backend(self, tmp_path: Path) -> Opener:
         return lambda: LMDBBackend.open(tmp_path / "journal")
 
-    def _overwrite(self, backend: JournalBackend, db_name: str, key: bytes) -> None:
+    def _overwrite(self, backend: JournalBackend, key: bytes) -> None:
         assert isinstance(backend, LMDBBackend)
-        environment = backend._environment
-        db = getattr(environment, db_name)
-        with environment.env.begin(write=True) as txn:
-            value = txn.get(key, db=db)
+        with backend._environment.env.begin(write=True) as txn:
+            value = txn.get(key)
             assert value is not None
-            txn.put(key, bytes(value)[:-1] + bytes([value[-1] ^ 0x55]), db=db)
+            txn.put(key, bytes(value)[:-1] + bytes([value[-1] ^ 0x55]))
 
     def corrupt_entry(self, backend: JournalBackend, invocation_id: str, index: int) -> None:
-        self._overwrite(backend, "entries", _entry_key(_digest(invocation_id), index))
+        self._overwrite(backend, _entry_key(_digest(invocation_id), index))
 
     def corrupt_invocation(self, backend: JournalBackend, invocation_id: str) -> None:
-        self._overwrite(backend, "invocations", _digest(invocation_id))
+        self._overwrite(backend, _invocation_key(_digest(invocation_id)))
 
 
 # -- opening -----------------------------------------------------------------
@@ -160,14 +158,25 @@ def test_a_read_only_directory_gets_a_clear_error(read_only_dir: Path) -> None:
 
 
 def test_a_ready_environment_can_be_handed_in(tmp_path: Path) -> None:
-    env = lmdb.open(str(tmp_path / "own"), max_dbs=3)
+    env = lmdb.open(str(tmp_path / "own"))
     backend = LMDBBackend(env)
     backend.create_invocation(make_invocation("x"))
     backend.close()
     assert LMDBBackend(env).get_invocation("x") is not None  # the caller's env is still open
     env.close()
-    with pytest.raises(BackendUnavailable, match="max_dbs >= 3"):
-        LMDBBackend(lmdb.open(str(tmp_path / "few"), max_dbs=1))
+
+
+def test_another_applications_lmdb_is_refused(tmp_path: Path) -> None:
+    env = lmdb.open(str(tmp_path / "other"))
+    with env.begin(write=True) as txn:
+        txn.put(b"user:1", b"ada")
+    env.close()
+    with pytest.raises(BackendUnavailable, match="LMDB environment of something else"):
+        LMDBBackend.open(tmp_path / "other")
+    env = lmdb.open(str(tmp_path / "other"))
+    with env.begin() as txn:
+        assert list(txn.cursor()) == [(b"user:1", b"ada")]  # untouched
+    env.close()
 
 
 # -- growth ------------------------------------------------------------------

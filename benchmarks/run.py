@@ -1,0 +1,153 @@
+"""Run the benchmark suite and print each figure as a ratio to the raw LMDB
+commit rate measured in the same run, on the same directory.
+
+    python -m benchmarks [--engines memory,lmdb] [--dir DIR] [--repeat N] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from backends import MemoryBackend
+from backends.lmdb import LMDBBackend
+from benchmarks._workloads import (
+    Opener,
+    raw_fsync,
+    raw_lmdb_commits,
+    w1_sequential,
+    w2_concurrent,
+    w3_replay,
+)
+from context import set_testing
+
+WORKLOADS: dict[str, Callable[[Opener], float]] = {
+    "W1": w1_sequential,
+    "W2": w2_concurrent,
+    "W3": w3_replay,
+}
+
+# (engine, workload) -> (minimum, "x raw" if the target is a ratio, else "steps/s")
+TARGETS: dict[tuple[str, str], tuple[float, str]] = {
+    ("lmdb", "W1"): (0.8, "x raw"),
+    ("lmdb", "W2"): (4.0, "x raw"),
+    ("lmdb", "W3"): (200_000, "steps/s"),
+    ("memory", "W1"): (50_000, "steps/s"),
+}
+
+
+@contextmanager
+def _memory(_: Path) -> Iterator[Callable[[], Opener]]:
+    yield lambda: MemoryBackend
+
+
+@contextmanager
+def _lmdb(workdir: Path) -> Iterator[Callable[[], Opener]]:
+    counter = itertools.count()
+
+    def fresh() -> Opener:
+        path = workdir / f"lmdb-{next(counter)}"
+        return lambda: LMDBBackend.open(path)
+
+    yield fresh
+
+
+def _s3(workdir: Path) -> Any:
+    from benchmarks.s3 import s3_engine
+
+    @contextmanager
+    def engine() -> Iterator[Callable[[], Opener]]:
+        with s3_engine(workdir) as (opener, _counter):
+            yield lambda: opener
+
+    return engine()
+
+
+ENGINES: dict[str, Callable[[Path], Any]] = {"memory": _memory, "lmdb": _lmdb, "s3": _s3}
+
+
+def _best(fn: Callable[[], float], repeat: int) -> float:
+    return max(fn() for _ in range(repeat))
+
+
+def measure(engines: list[str], workdir: Path, repeat: int) -> dict[str, Any]:
+    """Measure the raw limits, then every workload on every engine."""
+    set_testing(True)  # no retries are expected; never sleep if one happens
+    results: dict[str, Any] = {
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "directory": str(workdir),
+        "raw": {
+            "fsync_ops_per_s": _best(lambda: raw_fsync(workdir, 500), repeat),
+            "lmdb_commits_per_s": _best(lambda: raw_lmdb_commits(workdir, 500), repeat),
+        },
+        "engines": {},
+    }
+    for engine in engines:
+        figures: dict[str, float] = {}
+        with ENGINES[engine](workdir) as fresh:
+            for name, workload in WORKLOADS.items():
+                figures[name] = _best(lambda workload=workload: workload(fresh()), repeat)
+        results["engines"][engine] = figures
+    return results
+
+
+def report(results: dict[str, Any]) -> tuple[str, bool]:
+    """The table to print, and whether every target was met."""
+    raw = results["raw"]["lmdb_commits_per_s"]
+    lines = [
+        f"directory: {results['directory']} (python {results['python']})",
+        f"raw fsync (100-byte append + fsync): {results['raw']['fsync_ops_per_s']:>12,.0f} ops/s",
+        f"raw LMDB (one put per sync commit):  {raw:>12,.0f} commits/s  = 1.00 x raw",
+        "",
+        f"{'engine':<8} {'workload':<9} {'steps/s':>12} {'x raw LMDB':>11}  target",
+    ]
+    ok = True
+    for engine, figures in results["engines"].items():
+        for workload, rate in figures.items():
+            ratio = rate / raw
+            target = TARGETS.get((engine, workload))
+            verdict = ""
+            if target is not None:
+                minimum, unit = target
+                met = (ratio if unit == "x raw" else rate) >= minimum
+                ok &= met
+                verdict = f">= {minimum:,g} {unit}: {'met' if met else 'MISSED'}"
+            lines.append(f"{engine:<8} {workload:<9} {rate:>12,.0f} {ratio:>10.2f}x  {verdict}")
+    return "\n".join(lines), ok
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("--engines", default="memory,lmdb", help="comma-separated engine names")
+    parser.add_argument("--dir", type=Path, help="where to put the journals (default: a temp dir)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per figure; the best counts")
+    parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    args = parser.parse_args(argv)
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    unknown = set(engines) - set(ENGINES)
+    if unknown:
+        parser.error(f"unknown engine(s) {', '.join(sorted(unknown))}; known: {', '.join(ENGINES)}")
+    workdir = Path(tempfile.mkdtemp(prefix="runjournal-bench-", dir=args.dir))
+    try:
+        started = time.perf_counter()
+        results = measure(engines, workdir, args.repeat)
+        results["seconds"] = round(time.perf_counter() - started, 1)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    table, ok = report(results)
+    print(table)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"figures written to {args.json}", file=sys.stderr)
+    return 0 if ok else 1
