@@ -139,18 +139,36 @@ class _ResizeGate:
                 self._cond.notify_all()
 
 
+View = Callable[[bytes], bytes | None]
+Writes = list[tuple[bytes, bytes | None]]
+
+
 class _Op:
-    """One queued write: ``fn`` runs inside the batch's write transaction.
+    """One queued write.
+
+    A plain op names the keys it ``reads`` and an ``apply(view)`` that returns
+    its result and the writes to make (a value of None deletes), computed only
+    from what it read: a whole batch of such ops then costs one ``getmulti``
+    and one ``putmulti``, because py-lmdb gives up the GIL on every call and
+    each call can cost a thread switch under load. A ``raw`` op instead gets
+    the transaction itself (for range scans).
 
     ``wake`` is held from birth; the committer releases it once the op is
     done, or once it hands the op's thread the lead (``lead``), so each
     waiting writer is woken exactly once.
     """
 
-    __slots__ = ("error", "fn", "lead", "result", "wake")
+    __slots__ = ("apply", "error", "lead", "raw", "reads", "result", "wake")
 
-    def __init__(self, fn: Callable[[lmdb.Transaction], Any]) -> None:
-        self.fn = fn
+    def __init__(
+        self,
+        reads: tuple[bytes, ...],
+        apply: Callable[[View], tuple[Any, Writes]] | None = None,
+        raw: Callable[[lmdb.Transaction], Any] | None = None,
+    ) -> None:
+        self.reads = reads
+        self.apply = apply
+        self.raw = raw
         self.result: Any = None
         self.error: BaseException | None = None
         self.lead = False
@@ -206,15 +224,14 @@ class _Environment:
 
     # -- writes ----------------------------------------------------------------
 
-    def write(self, fn: Callable[[lmdb.Transaction], T]) -> T:
-        """Run ``fn`` in a committed (and, if durable, synced) write transaction.
+    def write(self, op: _Op) -> Any:
+        """Run ``op`` in a committed (and, if durable, synced) write transaction.
 
         With group commit, the first writer to find no commit under way leads:
         it commits everything queued so far in one transaction, wakes each
         writer whose op it committed, and hands the lead to the first writer
         that queued meanwhile.
         """
-        op = _Op(fn)
         if not self.group_commit:
             self._commit([op])
         else:
@@ -229,7 +246,7 @@ class _Environment:
                 self._lead()
         if op.error is not None:
             raise op.error
-        return op.result  # type: ignore[no-any-return]
+        return op.result
 
     def _lead(self) -> None:
         with self._mutex:
@@ -277,18 +294,56 @@ class _Environment:
         try:
             txn = self.env.begin(write=True)
             try:
+                plain: list[_Op] = []
                 for op in batch:
+                    if op.raw is None:
+                        plain.append(op)
+                        continue
+                    self._apply(txn, plain)
+                    plain = []
                     try:
-                        op.result, op.error = op.fn(txn), None
+                        op.result, op.error = op.raw(txn), None
                     except JournalError as exc:
-                        # Ops check before they write, so a refused op wrote nothing.
                         op.result, op.error = None, exc
+                self._apply(txn, plain)
                 txn.commit()
             except BaseException:
                 txn.abort()
                 raise
         finally:
             self.gate.exit()
+
+    @staticmethod
+    def _apply(txn: lmdb.Transaction, ops: list[_Op]) -> None:
+        """Apply plain ops in order; each sees the writes of those before it.
+
+        This transaction holds LMDB's writer lock (across processes), so what
+        ``getmulti`` reads stays current until the commit, and a create-only
+        decision made here cannot race.
+        """
+        if not ops:
+            return
+        cursor = txn.cursor()
+        keys = list(dict.fromkeys(key for op in ops for key in op.reads))
+        found: dict[bytes, bytes | None] = {bytes(k): bytes(v) for k, v in cursor.getmulti(keys)}
+        written: dict[bytes, bytes | None] = {}
+        for op in ops:
+            assert op.apply is not None
+            try:
+                op.result, writes = op.apply(found.get)
+            except JournalError as exc:
+                # Ops decide before they write, so a refused op wrote nothing.
+                op.result, op.error = None, exc
+                continue
+            op.error = None
+            for key, value in writes:
+                found[key] = written[key] = value
+        puts = [(k, v) for k, v in written.items() if v is not None]
+        if puts:
+            cursor.putmulti(puts)
+        for key, value in written.items():
+            if value is None:
+                txn.delete(key)
 
     def _grow(self) -> None:
         size = self.env.info()["map_size"]
@@ -539,16 +594,13 @@ class LMDBBackend:
 
     # -- records -------------------------------------------------------------
 
-    def _load(
-        self, txn: lmdb.Transaction, env: _Environment, invocation_id: str
-    ) -> Invocation | None:
-        data = txn.get(_invocation_key(_digest(invocation_id)))
+    def _decode_invocation(self, data: bytes | None, invocation_id: str) -> Invocation | None:
         if data is None:
             return None
-        inv = decode_invocation(bytes(data))
+        inv = decode_invocation(data)
         if inv.id != invocation_id:
             raise JournalCorrupt(
-                f"LMDB journal {env.path}: the record stored for {invocation_id!r} "
+                f"LMDB journal {self.path}: the record stored for {invocation_id!r} "
                 f"belongs to {inv.id!r}"
             )
         return inv
@@ -556,45 +608,48 @@ class LMDBBackend:
     def create_invocation(self, invocation: Invocation) -> tuple[Invocation, bool]:
         env = self._env()
         stored = attrs.evolve(invocation, version=1)
-        data = encode_invocation(stored)
         digest = _digest(invocation.id)
-        key = _STATUS_PREFIX[stored.status] + digest
-        id_bytes = invocation.id.encode("utf-8")
+        key = _invocation_key(digest)
+        writes: Writes = [
+            (key, encode_invocation(stored)),
+            (_STATUS_PREFIX[stored.status] + digest, invocation.id.encode("utf-8")),
+        ]
 
-        def op(txn: lmdb.Transaction) -> tuple[Invocation, bool]:
-            existing = self._load(txn, env, invocation.id)
+        def apply(view: View) -> tuple[tuple[Invocation, bool], Writes]:
+            existing = self._decode_invocation(view(key), invocation.id)
             if existing is not None:
-                return existing, False
-            txn.put(_invocation_key(digest), data)
-            txn.put(key, id_bytes)
-            return stored, True
+                return (existing, False), []
+            return (stored, True), writes
 
-        return env.write(op)
+        return env.write(_Op((key,), apply))  # type: ignore[no-any-return]
 
     def get_invocation(self, invocation_id: str) -> Invocation | None:
         env = self._env()
-        return env.read(lambda txn: self._load(txn, env, invocation_id))
+        key = _invocation_key(_digest(invocation_id))
+        data = env.read(lambda txn: txn.get(key))
+        return self._decode_invocation(None if data is None else bytes(data), invocation_id)
 
     def update_invocation(self, invocation: Invocation) -> Invocation:
         env = self._env()
         stored = attrs.evolve(invocation, version=invocation.version + 1)
         data = encode_invocation(stored)
         digest = _digest(invocation.id)
+        key = _invocation_key(digest)
         id_bytes = invocation.id.encode("utf-8")
 
-        def op(txn: lmdb.Transaction) -> Invocation:
-            current = self._load(txn, env, invocation.id)
+        def apply(view: View) -> tuple[Invocation, Writes]:
+            current = self._decode_invocation(view(key), invocation.id)
             if current is None:
                 raise InvocationNotFound(invocation.id)
             if current.version != invocation.version:
                 raise VersionConflict(invocation.id, invocation.version, current.version)
-            txn.put(_invocation_key(digest), data)
+            writes: Writes = [(key, data)]
             if current.status is not stored.status:
-                txn.delete(_STATUS_PREFIX[current.status] + digest)
-                txn.put(_STATUS_PREFIX[stored.status] + digest, id_bytes)
-            return stored
+                writes.append((_STATUS_PREFIX[current.status] + digest, None))
+                writes.append((_STATUS_PREFIX[stored.status] + digest, id_bytes))
+            return stored, writes
 
-        return env.write(op)
+        return env.write(_Op((key,), apply))  # type: ignore[no-any-return]
 
     def read_entries(self, invocation_id: str, start: int = 0) -> list[Entry]:
         env = self._env()
@@ -616,17 +671,18 @@ class LMDBBackend:
     def append_entry(self, invocation_id: str, entry: Entry) -> None:
         env = self._env()
         digest = _digest(invocation_id)
-        key = _entry_key(digest, entry.index)
         invocation_key = _invocation_key(digest)
-        data = encode_entry(entry)
+        key = _entry_key(digest, entry.index)
+        writes: Writes = [(key, encode_entry(entry))]
 
-        def op(txn: lmdb.Transaction) -> None:
-            if txn.get(invocation_key) is None:
+        def apply(view: View) -> tuple[None, Writes]:
+            if view(invocation_key) is None:
                 raise InvocationNotFound(invocation_id)
-            if not txn.put(key, data, overwrite=False):
+            if view(key) is not None:
                 raise EntryConflict(invocation_id, entry.index)
+            return None, writes
 
-        env.write(op)
+        env.write(_Op((invocation_key, key), apply))
 
     def list_invocations(self, status: InvocationStatus | None = None) -> Iterator[str]:
         env = self._env()
@@ -653,8 +709,9 @@ class LMDBBackend:
         env = self._env()
         digest = _digest(invocation_id)
 
-        def op(txn: lmdb.Transaction) -> bool:
-            current = self._load(txn, env, invocation_id)
+        def delete(txn: lmdb.Transaction) -> bool:
+            data = txn.get(_invocation_key(digest))
+            current = self._decode_invocation(None if data is None else bytes(data), invocation_id)
             if current is None:
                 return False
             cursor = txn.cursor()
@@ -667,7 +724,7 @@ class LMDBBackend:
             txn.delete(_invocation_key(digest))
             return True
 
-        return env.write(op)
+        return env.write(_Op((), raw=delete))  # type: ignore[no-any-return]
 
     def close(self) -> None:
         """Release this client; the environment closes with its last client."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from contextlib import suppress
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -122,10 +123,8 @@ def w3_replay(open_backend: Opener) -> float:
     try:
         crash = [True]
         rt = _steps_runtime(backend, STEPS, crash)
-        try:
+        with suppress(_Crash):
             rt.invoke("bench.steps", None, invocation_id="w3")
-        except _Crash:
-            pass
         crash[0] = False
         start = time.perf_counter()
         reached = rt.invoke("bench.steps", None, invocation_id="w3")

@@ -1,11 +1,21 @@
-"""The ``runjournal`` command: ``runjournal demo`` plays the seed's order story."""
+"""The ``runjournal`` command.
+
+``runjournal demo`` plays the seed's order story for real: a worker process
+logs the order, schedules a shipment through a flaky API (retried), and is
+killed right after; a second process resumes the invocation from the journal,
+and the shipment is not scheduled again.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import subprocess
 import sys
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from context._context import Context
@@ -13,93 +23,123 @@ from context._runtime import Runtime
 
 __all__ = ["main"]
 
+ORDER = {"id": 42, "email": "ada@example.com", "items": ["tea", "scones"]}
+INVOCATION = "order-42"
 
-class SimulatedCrash(Exception):
-    """Stands for the process dying right after the shipment was scheduled."""
+
+def _say(text: str) -> None:
+    print(f"  [pid {os.getpid()}] {text}", flush=True)
 
 
 class ShippingAPI:
-    """A flaky external API that counts how often a shipment was really scheduled."""
+    """A flaky external API. Every shipment it really schedules is appended to a file."""
 
-    def __init__(self, failures_before_success: int = 2) -> None:
+    def __init__(self, ledger: Path, failures_before_success: int) -> None:
+        self.ledger = ledger
         self.failures_left = failures_before_success
-        self.scheduled: list[str] = []
 
     def schedule(self, order: dict[str, Any]) -> str:
         if self.failures_left > 0:
             self.failures_left -= 1
             raise ConnectionError("shipping API timed out")
-        tracking = f"TRK-{order['id']}-{len(self.scheduled) + 1}"
-        self.scheduled.append(tracking)
-        return tracking
+        with self.ledger.open("a") as f:
+            f.write(f"scheduled shipment for order {order['id']}\n")
+        return f"TRK-{order['id']}-{os.getpid()}"
 
 
-def build_runtime(url: str, shipping: ShippingAPI, crash: list[bool]) -> Runtime:
-    """The demo's service: one durable handler, ``orders.process``."""
-    rt = Runtime(url)
+def build_runtime(journal: str, shipping: ShippingAPI, crash_after_shipment: bool) -> Runtime:
+    """The demo service: one durable handler, ``orders.process``."""
+    rt = Runtime(journal)
 
     @rt.handler("orders.process")
     def process_order(ctx: Context, order: dict[str, Any]) -> dict[str, Any]:
-        ctx.run_void(
-            lambda: print(f"  analytics: order {order['id']} received"), name="log-analytics"
-        )
+        ctx.run_void(lambda: _say(f"analytics: order {order['id']} received"), name="log-analytics")
         tracking = ctx.run(
             lambda: shipping.schedule(order),
             name="schedule-shipment",
             max_retry_attempts=5,
-            initial_retry_interval=0.01,
+            initial_retry_interval=0.05,
         )
-        print(f"  shipment scheduled: {tracking}")
-        if crash[0]:
-            crash[0] = False
-            print("  !! the process crashes before finishing the order")
-            raise SimulatedCrash
+        _say(f"shipment: {tracking}")
+        if crash_after_shipment:
+            _say("killed right after the shipment (os._exit: no cleanup, no exception)")
+            os._exit(1)
         receipt = ctx.run(lambda: f"mail-to-{order['email']}", name="send-confirmation")
+        _say(f"confirmation: {receipt}")
         return {"order": order["id"], "tracking": tracking, "receipt": receipt}
 
     return rt
 
 
-def demo(url: str) -> int:
-    """Run the order story on ``url``; return 0 when the shipment ran exactly once."""
-    shipping = ShippingAPI()
-    crash = [True]
-    order = {"id": 42, "email": "ada@example.com"}
-    with build_runtime(url, shipping, crash) as rt:
-        print(f"journal: {url}")
-        print("attempt 1:")
-        try:
-            rt.invoke("orders.process", order, invocation_id="order-42")
-        except SimulatedCrash:
-            status = rt.status("order-42")
-            print(f"  invocation order-42 is {status.value if status else 'missing'}")
-        print("attempt 2 (recovery replays the journal):")
-        [result] = rt.recover()
-        print(f"  result: {result.output}")
-        entries = rt.backend.read_entries("order-42")
-        print("journal entries:")
-        for e in entries:
-            print(f"  #{e.index} {e.name:<18} attempts={e.attempts} payload={e.payload!r}")
-    ok = len(shipping.scheduled) == 1
+def worker(journal: str, ledger: Path, crash: bool) -> int:
+    """One process of the demo: start the order (and die), or recover it."""
+    shipping = ShippingAPI(ledger, failures_before_success=2 if crash else 0)
+    with build_runtime(journal, shipping, crash_after_shipment=crash) as rt:
+        if crash:
+            rt.invoke("orders.process", ORDER, invocation_id=INVOCATION)
+            return 0  # not reached: the process is killed inside the handler
+        for result in rt.recover():
+            _say(f"recovered {result.invocation_id}: {result.status.value} -> {result.output}")
+    return 0
+
+
+def demo(journal: str | None) -> int:
+    """Run the story in two real processes; return 0 when the shipment ran exactly once."""
+    workdir = Path(tempfile.mkdtemp(prefix="runjournal-demo-"))
+    journal = journal or f"lmdb://{workdir / 'journal'}"
+    ledger = workdir / "shipments.log"
+    print(f"journal: {journal}")
+    with Runtime(journal) as rt:
+        if rt.status(INVOCATION) is not None:
+            print(f"this journal already holds {INVOCATION}; give the demo a new journal")
+            return 2
+
+    def run_worker(*extra: str) -> int:
+        command = [sys.executable, "-m", "context._cli", "demo-worker", journal, str(ledger)]
+        return subprocess.run([*command, *extra], check=False).returncode
+
+    print("process 1 starts order-42:")
+    code = run_worker("--crash")
+    print(f"process 1 died (exit status {code}); the journal holds what it finished.")
+    print("process 2 runs rt.recover():")
+    if run_worker() != 0:
+        print("process 2 failed")
+        return 1
+    with Runtime(journal) as rt:
+        print("journal of order-42:")
+        for e in rt.backend.read_entries(INVOCATION):
+            print(f"  #{e.index} {e.name:<18} attempts={e.attempts} value={e.payload!r}")
+        status = rt.status(INVOCATION)
+    shipments = ledger.read_text().splitlines() if ledger.exists() else []
+    ok = len(shipments) == 1 and status is not None and status.value == "completed"
     print(
-        f"shipments actually scheduled: {len(shipping.scheduled)} "
-        f"({'exactly once' if ok else 'DUPLICATED'})"
+        f"shipments really scheduled: {len(shipments)} "
+        f"({'exactly once' if ok else 'NOT exactly once'}); order-42 is "
+        f"{status.value if status else 'missing'}"
     )
     return 0 if ok else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="runjournal", description=__doc__)
+    parser = argparse.ArgumentParser(prog="runjournal", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    p_demo = sub.add_parser("demo", help="crash an order handler and watch it resume")
-    p_demo.add_argument("--journal", default="memory://demo", help="journal URL")
+    p_demo = sub.add_parser(
+        "demo", help="crash an order handler in one process, finish it in another"
+    )
+    p_demo.add_argument("--journal", help="journal URL (default: LMDB in a new temp directory)")
+    p_worker = sub.add_parser("demo-worker", help=argparse.SUPPRESS)
+    p_worker.add_argument("journal")
+    p_worker.add_argument("ledger", type=Path)
+    p_worker.add_argument("--crash", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(
-        level=logging.WARNING, format="  %(levelname)s %(message)s", stream=sys.stdout
+        level=logging.WARNING,
+        format=f"  [pid {os.getpid()}] %(levelname)s %(message)s",
+        stream=sys.stdout,
     )
     if args.command == "demo":
         return demo(args.journal)
-    return 2
+    return worker(args.journal, args.ledger, args.crash)
 
 
 if __name__ == "__main__":
