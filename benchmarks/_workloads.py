@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 import threading
 import time
-from contextlib import suppress
 from collections.abc import Callable
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
