@@ -5,13 +5,22 @@ Importing this package imports no engine SDK; ``backends.lmdb`` and
 """
 
 from backends._memory import MemoryBackend, MemoryStore
-from backends._registry import DEFAULT_URL, ENTRY_POINT_GROUP, open_backend, register_backend
+from backends._registry import (
+    DEFAULT_URL,
+    ENTRY_POINT_GROUP,
+    ENV_VAR,
+    available_schemes,
+    open_backend,
+    register_backend,
+)
 
 __all__ = [
     "DEFAULT_URL",
     "ENTRY_POINT_GROUP",
+    "ENV_VAR",
     "MemoryBackend",
     "MemoryStore",
+    "available_schemes",
     "open_backend",
     "register_backend",
 ]
