@@ -1,0 +1,240 @@
+"""The pytest plugin (context.testing): fixtures and simulated crashes, as users see them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from backends import MemoryBackend, MemoryStore
+from context import Context, Runtime, is_testing, set_testing
+from context.testing import CrashingBackend, SimulatedCrash, crash_and_rerun
+from journal import JournalBackend
+from journal.testing import JournalBackendTests, Opener, make_entry, make_invocation
+
+pytest_plugins = ["pytester"]
+
+
+@pytest.fixture
+def waits_on() -> Iterator[None]:
+    """Run with retry waits on, whatever the process-wide switch was."""
+    was = is_testing()
+    set_testing(False)
+    yield
+    set_testing(was)
+
+
+USER_TESTS = """
+import time
+
+import pytest
+
+from backends import MemoryBackend
+from context import TerminalError, is_testing
+from context.testing import CrashReport, SimulatedCrash
+
+calls = []
+
+
+def step(name, value):
+    def closure():
+        calls.append(name)
+        return value
+    return closure
+
+
+def process(ctx, order):
+    ctx.run(step("reserve", "r-1"), name="reserve")
+    charge = ctx.run(step("charge", "c-1"), name="charge")
+    ship = ctx.run(step("ship", "s-1"), name="ship")
+    return {"order": order["id"], "charge": charge, "ship": ship}
+
+
+@pytest.fixture(autouse=True)
+def fresh_calls():
+    calls.clear()
+
+
+@pytest.fixture
+def rt(runjournal_runtime):
+    runjournal_runtime.handler("orders.process")(process)
+    return runjournal_runtime
+
+
+def test_a_fresh_memory_journal_per_test(rt, runjournal_backend):
+    assert isinstance(runjournal_backend, MemoryBackend)
+    assert rt.backend is runjournal_backend
+    assert list(runjournal_backend.list_invocations()) == []
+    rt.invoke("orders.process", {"id": 1}, invocation_id="only-here")
+    assert list(runjournal_backend.list_invocations()) == ["only-here"]
+
+
+def test_and_the_next_test_gets_another(runjournal_backend):
+    assert list(runjournal_backend.list_invocations()) == []
+
+
+def test_retries_do_not_wait(runjournal_runtime):
+    attempts = []
+
+    def flaky():
+        attempts.append(time.monotonic())
+        if len(attempts) < 4:
+            raise ConnectionError("down")
+        return "up"
+
+    @runjournal_runtime.handler("flaky")
+    def handler(ctx, _):
+        return ctx.run(flaky, name="flaky", initial_retry_interval=1.0)
+
+    assert is_testing()
+    assert runjournal_runtime.invoke("flaky") == "up"
+    assert len(attempts) == 4 and attempts[-1] - attempts[0] < 0.5
+
+
+def test_crash_after_the_charge_is_durable(rt, runjournal_crash):
+    report = runjournal_crash("orders.process", {"id": 7}, step="charge")
+    assert isinstance(report, CrashReport)
+    assert report.crash.durable and report.crash.entry.name == "charge"
+    assert [e.name for e in report.first_run] == ["reserve", "charge"]
+    assert report.called_again == ()
+    assert report.replayed == (0, 1)
+    assert [e.name for e in report.resumed] == ["ship"]
+    assert calls == ["reserve", "charge", "ship"]
+    assert report.output == {"order": 7, "charge": "c-1", "ship": "s-1"}
+    assert rt.invoke("orders.process", {"id": 7}, invocation_id=report.invocation_id) == (
+        report.output
+    )
+
+
+def test_crash_before_the_charge_is_recorded(rt, runjournal_crash):
+    report = runjournal_crash("orders.process", {"id": 8}, step=1, lose_entry=True)
+    assert not report.crash.durable
+    assert [e.name for e in report.called_again] == ["charge"]
+    assert report.replayed == (0,)
+    assert calls == ["reserve", "charge", "charge", "ship"]
+
+
+def test_a_step_never_reached_fails_the_test(rt, runjournal_crash):
+    runjournal_crash("orders.process", {"id": 9}, step="refund")
+
+
+def test_zz_waits_are_back_after_the_fixtures():
+    assert not is_testing()
+"""
+
+
+def test_users_get_fixtures_and_crash_helpers(pytester: pytest.Pytester, waits_on: None) -> None:
+    pytester.makepyfile(test_user_handlers=USER_TESTS)
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=6, failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*test_a_step_never_reached_fails_the_test*",
+            "*AssertionError: invocation 'crash-test-*' finished without reaching step "
+            "'refund', so no crash was simulated; it journaled: journal index 0 ('reserve' run),"
+            " journal index 1 ('charge' run), journal index 2 ('ship' run)",
+        ]
+    )
+    assert not is_testing()
+
+
+def test_the_plugin_is_loaded_by_its_entry_point(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        def test_registered(request):
+            plugin = request.config.pluginmanager.get_plugin("runjournal")
+            assert plugin is not None and plugin.__name__ == "context.testing"
+        """
+    )
+    pytester.runpytest("-p", "no:cacheprovider").assert_outcomes(passed=1)
+    pytester.runpytest("-p", "no:cacheprovider", "-p", "no:runjournal").assert_outcomes(failed=1)
+
+
+# -- the crash machinery outside the fixtures ---------------------------------------
+
+
+def _order_handler(rt: Runtime, calls: list[str], *, swallow: bool = False) -> None:
+    @rt.handler("orders")
+    def handler(ctx: Context, order: int) -> list[str]:
+        out = []
+        for name in ("a", "b", "c"):
+
+            def closure(name: str = name) -> str:
+                calls.append(name)
+                return f"{name}-{order}"
+
+            try:
+                out.append(ctx.run(closure, name=name))
+            except Exception:  # a handler that swallows errors must not swallow a crash
+                if not swallow:
+                    raise
+        return out
+
+
+def test_crash_and_rerun_works_on_a_runtime_of_ones_own(waits_on: None) -> None:
+    calls: list[str] = []
+    backend = MemoryBackend()
+    rt = Runtime(backend)
+    _order_handler(rt, calls, swallow=True)
+    report = crash_and_rerun(rt, "orders", 5, step=0, invocation_id="mine")
+    assert rt.backend is backend  # restored
+    assert report.invocation_id == "mine"
+    assert report.output == ["a-5", "b-5", "c-5"]
+    assert calls == ["a", "b", "c"]
+    assert [e.index for e in report.rerun] == [1, 2]
+    assert report.called_again == ()
+
+
+def test_a_simulated_crash_ends_the_attempt_and_recover_resumes_it() -> None:
+    calls: list[str] = []
+    crashing = CrashingBackend(MemoryBackend(), step="b", lose_entry=True)
+    rt = Runtime(crashing)
+    _order_handler(rt, calls, swallow=True)
+    with pytest.raises(SimulatedCrash, match=r"while writing journal index 1 \('b' run\)") as info:
+        rt.invoke("orders", 1, invocation_id="o-1")
+    assert info.value is crashing.crashed and not info.value.durable
+    assert not crashing.armed
+    assert [e.index for e in crashing.inner.read_entries("o-1")] == [0]
+    assert calls == ["a", "b"]
+    [result] = rt.recover()
+    assert result.output == ["a-1", "b-1", "c-1"]
+    assert calls == ["a", "b", "b", "c"]
+    assert [e.name for e in crashing.appended] == ["a", "b", "b", "c"]
+
+
+def test_a_durable_crash_keeps_the_entry() -> None:
+    crashing = CrashingBackend(MemoryBackend())
+    crashing.create_invocation(make_invocation("x"))
+    crashing.append_entry("x", make_entry(0))  # disarmed: passes through
+    crashing.arm(1)
+    with pytest.raises(SimulatedCrash, match=r"right after journal index 1 .* durable"):
+        crashing.append_entry("x", make_entry(1))
+    crashing.append_entry("x", make_entry(2))  # one crash per arming
+    assert [e.index for e in crashing.read_entries("x")] == [0, 1, 2]
+
+
+@pytest.mark.parametrize(("step", "error"), [(True, TypeError), (-1, ValueError), (1.0, TypeError)])
+def test_crash_steps_are_indexes_or_names(step: object, error: type[Exception]) -> None:
+    with pytest.raises(error, match="step must be"):
+        CrashingBackend(MemoryBackend(), step=step)  # type: ignore[arg-type]
+
+
+class TestCrashingBackendIsATransparentJournal(JournalBackendTests):
+    """Disarmed, the wrapper is a conforming engine: it changes nothing it forwards."""
+
+    @pytest.fixture
+    def open_backend(self) -> Opener:
+        store = MemoryStore()
+        return lambda: CrashingBackend(MemoryBackend(store))
+
+    def corrupt_entry(self, backend: JournalBackend, invocation_id: str, index: int) -> None:
+        assert isinstance(backend, CrashingBackend) and isinstance(backend.inner, MemoryBackend)
+        slots = backend.inner.store.entries[invocation_id]
+        slots[index] = slots[index][:-1] + bytes([slots[index][-1] ^ 0xFF])
+
+    def corrupt_invocation(self, backend: JournalBackend, invocation_id: str) -> None:
+        assert isinstance(backend, CrashingBackend) and isinstance(backend.inner, MemoryBackend)
+        records = backend.inner.store.invocations
+        records[invocation_id] = records[invocation_id][:-1] + bytes(
+            [records[invocation_id][-1] ^ 0xFF]
+        )
