@@ -1,7 +1,9 @@
 """Run the benchmark suite and print each figure as a ratio to the raw LMDB
 commit rate measured in the same run, on the same directory.
 
-    python -m benchmarks [--engines memory,lmdb] [--dir DIR] [--repeat N] [--json FILE]
+    python -m benchmarks [--engines memory,lmdb,s3] [--dir DIR] [--repeat N] [--json FILE]
+
+Exit status 1 when a target of issue 3 is missed.
 """
 
 from __future__ import annotations
@@ -76,46 +78,61 @@ def _s3(workdir: Path) -> Any:
 ENGINES: dict[str, Callable[[Path], Any]] = {"memory": _memory, "lmdb": _lmdb, "s3": _s3}
 
 
-def _best(fn: Callable[[], float], repeat: int) -> float:
-    return max(fn() for _ in range(repeat))
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
 
 
 def measure(engines: list[str], workdir: Path, repeat: int) -> dict[str, Any]:
-    """Measure the raw limits, then every workload on every engine."""
+    """Measure every workload on every engine, each run paired with a raw LMDB
+    commit measurement taken just before it on the same directory.
+
+    The disk's sync rate drifts by 10-20% within seconds on shared machines,
+    so each ratio is taken within its pair; the report gives medians.
+    """
     set_testing(True)  # no retries are expected; never sleep if one happens
+    raw_commits: list[float] = []
     results: dict[str, Any] = {
         "python": platform.python_version(),
         "machine": platform.machine(),
         "directory": str(workdir),
-        "raw": {
-            "fsync_ops_per_s": _best(lambda: raw_fsync(workdir, 500), repeat),
-            "lmdb_commits_per_s": _best(lambda: raw_lmdb_commits(workdir, 500), repeat),
-        },
+        "repeat": repeat,
+        "raw": {"fsync_ops_per_s": _median([raw_fsync(workdir, 500) for _ in range(repeat)])},
         "engines": {},
     }
     for engine in engines:
-        figures: dict[str, float] = {}
+        figures: dict[str, dict[str, float]] = {}
         with ENGINES[engine](workdir) as fresh:
             for name, workload in WORKLOADS.items():
-                figures[name] = _best(lambda workload=workload: workload(fresh()), repeat)
+                rates, ratios = [], []
+                for _ in range(repeat):
+                    raw = raw_lmdb_commits(workdir, 300)
+                    rate = workload(fresh())
+                    raw_commits.append(raw)
+                    rates.append(rate)
+                    ratios.append(rate / raw)
+                figures[name] = {"steps_per_s": _median(rates), "x_raw_lmdb": _median(ratios)}
         results["engines"][engine] = figures
+    results["raw"]["lmdb_commits_per_s"] = _median(raw_commits)
     return results
 
 
 def report(results: dict[str, Any]) -> tuple[str, bool]:
     """The table to print, and whether every target was met."""
-    raw = results["raw"]["lmdb_commits_per_s"]
+    raw = results["raw"]
     lines = [
-        f"directory: {results['directory']} (python {results['python']})",
-        f"raw fsync (100-byte append + fsync): {results['raw']['fsync_ops_per_s']:>12,.0f} ops/s",
-        f"raw LMDB (one put per sync commit):  {raw:>12,.0f} commits/s  = 1.00 x raw",
+        f"directory: {results['directory']} (python {results['python']}); "
+        f"medians of {results['repeat']} runs",
+        f"raw fsync (100-byte append + fsync): {raw['fsync_ops_per_s']:>10,.0f} ops/s",
+        f"raw LMDB (one put per sync commit):  {raw['lmdb_commits_per_s']:>10,.0f} commits/s",
         "",
         f"{'engine':<8} {'workload':<9} {'steps/s':>12} {'x raw LMDB':>11}  target",
     ]
     ok = True
     for engine, figures in results["engines"].items():
-        for workload, rate in figures.items():
-            ratio = rate / raw
+        for workload, figure in figures.items():
+            rate, ratio = figure["steps_per_s"], figure["x_raw_lmdb"]
             target = TARGETS.get((engine, workload))
             verdict = ""
             if target is not None:
@@ -124,6 +141,7 @@ def report(results: dict[str, Any]) -> tuple[str, bool]:
                 ok &= met
                 verdict = f">= {minimum:,g} {unit}: {'met' if met else 'MISSED'}"
             lines.append(f"{engine:<8} {workload:<9} {rate:>12,.0f} {ratio:>10.2f}x  {verdict}")
+    lines.append("(x raw LMDB: each run against a raw LMDB measurement taken just before it)")
     return "\n".join(lines), ok
 
 
@@ -131,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--engines", default="memory,lmdb", help="comma-separated engine names")
     parser.add_argument("--dir", type=Path, help="where to put the journals (default: a temp dir)")
-    parser.add_argument("--repeat", type=int, default=3, help="runs per figure; the best counts")
+    parser.add_argument("--repeat", type=int, default=5, help="runs per figure; medians count")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     args = parser.parse_args(argv)
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
