@@ -27,6 +27,8 @@ from journal import (
 
 __all__ = ["MemoryBackend", "MemoryStore"]
 
+_CAPABILITIES = Capabilities(persistent=False, shared=False)
+
 
 @attrs.define
 class MemoryStore:
@@ -76,7 +78,7 @@ class MemoryBackend:
 
     @property
     def capabilities(self) -> Capabilities:
-        return Capabilities(persistent=False, shared=False)
+        return _CAPABILITIES
 
     def _check_open(self) -> None:
         if self._closed:

@@ -48,6 +48,8 @@ from journal import (
 
 __all__ = ["DEFAULT_MAP_SIZE", "LMDBBackend"]
 
+_CAPABILITIES = Capabilities(persistent=True, shared=True)
+
 T = TypeVar("T")
 
 DEFAULT_MAP_SIZE: Final = 256 << 20
@@ -580,7 +582,7 @@ class LMDBBackend:
 
     @property
     def capabilities(self) -> Capabilities:
-        return Capabilities(persistent=True, shared=True)
+        return _CAPABILITIES
 
     def _env(self) -> _Environment:
         if self._closed:
