@@ -11,6 +11,7 @@ from context._errors import (
     NonDeterminismError,
     TerminalError,
 )
+from context._futures import RunFuture
 from context._options import RunOptions
 from context._retry import Clock, RetryDetails, SystemClock, is_testing, set_testing
 from context._runtime import HandlerSpec, RecoveryResult, Runtime
@@ -25,6 +26,7 @@ __all__ = [
     "NonDeterminismError",
     "RecoveryResult",
     "RetryDetails",
+    "RunFuture",
     "RunOptions",
     "Runtime",
     "SystemClock",

@@ -2,14 +2,29 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Executor
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from context._cursor import ReplayCursor
-from context._errors import ContextMisuseError, failure_of, terminal_from
+from context._cursor import ReplayCursor, describe
+from context._errors import (
+    ContextMisuseError,
+    NonDeterminismError,
+    failure_of,
+    terminal_from,
+)
+from context._futures import (
+    FutureGroup,
+    RunFuture,
+    decision_entry,
+    is_journaled_failure,
+    read_decision,
+    unretrieved_message,
+)
 from context._options import RunOptions, resolve_options
 from context._retry import Clock, Failed, RetryHook, Succeeded, call_with_retry
 from journal import CodecError, Entry, EntryKind
@@ -20,6 +35,8 @@ if TYPE_CHECKING:
 __all__ = ["Context"]
 
 T = TypeVar("T")
+
+log = logging.getLogger("runjournal")
 
 _local = threading.local()
 
@@ -43,7 +60,11 @@ def inside_closure(ctx: Context) -> Iterator[None]:
 
 
 class Context:
-    """Durable operations for one invocation attempt. Handed to handlers; not built by users."""
+    """Durable operations for one invocation attempt. Handed to handlers; not built by users.
+
+    ``executor`` runs the closures of :meth:`run_async`; without one,
+    ``run_async`` is refused.
+    """
 
     def __init__(
         self,
@@ -53,6 +74,7 @@ class Context:
         defaults: RunOptions,
         clock: Clock,
         on_retry: RetryHook | None = None,
+        executor: Executor | None = None,
     ) -> None:
         self._cursor = cursor
         self._handler = handler
@@ -61,6 +83,11 @@ class Context:
         self._on_retry = on_retry
         limit = cursor.backend.capabilities.max_payload_bytes
         self._max_payload = limit
+        self._futures = FutureGroup(
+            cursor.invocation_id,
+            executor,
+            lambda: self._check_usable("result", label="RunFuture.result()"),
+        )
 
     @property
     def invocation_id(self) -> str:
@@ -127,12 +154,177 @@ class Context:
 
         self.run(call, name=name, options=options, **option_kwargs)
 
+    # -- futures ---------------------------------------------------------------
+
+    def run_async(
+        self,
+        fn: Callable[[], T],
+        *,
+        name: str | None = None,
+        options: RunOptions | None = None,
+        **option_kwargs: Any,
+    ) -> RunFuture[T]:
+        """Start ``fn`` on the Runtime's executor; return a future of its result.
+
+        The journal index is taken now, when ``run_async`` is called. ``fn``
+        gets the same options, retry policy (its own budget) and journaling as
+        :meth:`run`; its entry may be written before those of futures started
+        earlier, each at its own index, create-only. On replay a journaled
+        outcome resolves the future at once and ``fn`` is not called.
+
+        A handler may return while futures run: the invocation does not
+        complete until every future it started is journaled. If one of them
+        could not be journaled (a codec error, misuse, a conflict) and nobody
+        retrieved that error, ``invoke`` raises it and the invocation stays
+        pending. A journaled terminal failure nobody retrieved is logged at
+        WARNING and does not change the invocation's outcome.
+
+        Args:
+            fn: a callable taking no arguments; it must not call ctx operations.
+            name: the step's name, checked on replay and shown in logs.
+            options: a :class:`RunOptions` to start from.
+            **option_kwargs: any :class:`RunOptions` field, overriding ``options``.
+
+        Returns:
+            A :class:`RunFuture`; its errors surface from ``result()`` and from
+            ``wait``/``wait_first`` (see :meth:`RunFuture.result`).
+
+        Raises:
+            NonDeterminismError: the journal has another step at this index.
+            ContextMisuseError: called inside a run closure, or on a Context
+                that has no executor.
+        """
+        self._check_usable("run_async")
+        if not callable(fn):
+            raise TypeError(
+                f"run_async {name!r}: fn must be a callable taking no arguments, got {fn!r}"
+            )
+        if self._futures.executor is None:
+            raise ContextMisuseError(
+                "ctx.run_async() needs an executor; this Context was built without one. "
+                "Run handlers through a Runtime, which owns the executor"
+            )
+        opts = resolve_options(self._defaults, options, option_kwargs)
+        index, recorded = self._cursor.reserve(EntryKind.RUN, name)
+        codec = opts.codec
+
+        def outcome(entry: Entry, cause: BaseException | None) -> Any:
+            return self._outcome(entry, codec, cause)
+
+        if recorded is not None:
+            return self._futures.resolved(index, name, recorded, outcome)
+
+        def task() -> tuple[Entry, BaseException | None]:
+            entry, cause = self._execute(fn, index, name, opts)
+            # The future completes only once this returns: its entry is durable.
+            self._cursor.record(entry)
+            return entry, cause
+
+        return self._futures.start(index, name, task, outcome)
+
+    def wait_first(self, *futs: RunFuture[Any]) -> RunFuture[Any]:
+        """Return the first of ``futs`` to complete, the same one on every replay.
+
+        A future completes when its entry is durable. Takes the next journal
+        index now; the winner's index is journaled there as a WAIT_FIRST entry
+        (after the winner's own entry), and a replay returns that future even
+        if other outcomes are journaled too or timings differ. To act on
+        futures one by one as they complete, call ``wait_first`` in a loop on
+        those not yet handled.
+
+        Raises:
+            ValueError: no futures, or one future passed twice.
+            TypeError: an argument is not a :class:`RunFuture`.
+            ContextMisuseError: a future of another invocation (or attempt),
+                or called inside a run closure.
+            NonDeterminismError: the journal recorded another step here, or a
+                choice among other futures.
+            CodecError, ContextMisuseError, EntryConflict: the first future to
+                finish failed without a journal entry (its own error).
+        """
+        self._check_usable("wait_first")
+        members = self._futures.check_members("wait_first", futs)
+        index, recorded = self._cursor.reserve(EntryKind.WAIT_FIRST, None)
+        if recorded is not None:
+            [winner] = self._replayed(recorded, members)
+            return winner
+        winner = self._futures.first(members)
+        entry = decision_entry(index, EntryKind.WAIT_FIRST, _indexes(members), [winner.index])
+        self._cursor.record(entry)
+        return winner
+
+    def wait(self, *futs: RunFuture[Any]) -> Iterator[RunFuture[Any]]:
+        """Return an iterator over ``futs`` in completion order, the same on every replay.
+
+        Takes the next journal index now, blocks until every future is
+        journaled, journals their order there as a WAIT entry, then returns.
+        The order is fixed before any future is handed out, so code in the
+        loop body cannot act on an order a crash could change. A future that
+        fails without a journal entry raises its error at once.
+
+        Raises:
+            The same errors as :meth:`wait_first`.
+        """
+        self._check_usable("wait")
+        members = self._futures.check_members("wait", futs)
+        index, recorded = self._cursor.reserve(EntryKind.WAIT, None)
+        if recorded is not None:
+            return iter(self._replayed(recorded, members))
+        ordered = self._futures.in_completion_order(members)
+        entry = decision_entry(index, EntryKind.WAIT, _indexes(members), _indexes(ordered))
+        self._cursor.record(entry)
+        return iter(ordered)
+
+    def _replayed(self, recorded: Entry, members: list[RunFuture[Any]]) -> list[RunFuture[Any]]:
+        """The futures a journaled decision chose, once they are resolved."""
+        journaled_members, chosen = read_decision(recorded)
+        asked = _indexes(members)
+        if sorted(journaled_members) != sorted(asked):
+            kind = recorded.kind.value
+            raise NonDeterminismError(
+                self.invocation_id,
+                recorded.index,
+                recorded=f"{describe(recorded.kind, None)} among indexes {journaled_members}",
+                asked=f"{kind} among indexes {sorted(asked)}",
+            )
+        by_index = {fut.index: fut for fut in members}
+        result = [by_index[i] for i in chosen]
+        for fut in result:
+            # Chosen futures were journaled before the decision, so they are
+            # resolved from the journal already; wait anyway, in case this
+            # attempt read the decision but not yet an entry written just before it.
+            self._futures.first([fut])
+        return result
+
+    def _settle_futures(self, *, strict: bool) -> None:
+        """Wait until every future of this attempt is journaled or has failed.
+
+        With ``strict``, raise the first (by index) unretrieved failure that
+        left no journal entry: the invocation must not complete without it.
+        Other unretrieved failures are logged at WARNING.
+        """
+        unretrieved = sorted(self._futures.drain(), key=lambda f: f.index)
+        for fut in unretrieved:
+            if strict and not is_journaled_failure(fut):
+                fut._retrieved = True
+                raise fut._error or RuntimeError(repr(fut))
+            log.warning(
+                "invocation %r: %r failed and its result was never retrieved: %s",
+                self.invocation_id,
+                fut,
+                unretrieved_message(fut),
+            )
+
+    def _abandon_futures(self) -> None:
+        """Cancel the futures that have not started (the handler was interrupted)."""
+        self._futures.abandon()
+
     # -- pieces shared with futures ------------------------------------------
 
-    def _check_usable(self, operation: str) -> None:
+    def _check_usable(self, operation: str, *, label: str | None = None) -> None:
         if self in _active():
             raise ContextMisuseError(
-                f"ctx.{operation}() was called inside a run closure of invocation "
+                f"{label or f'ctx.{operation}()'} was called inside a run closure of invocation "
                 f"{self.invocation_id!r}; closures must not call ctx operations. "
                 "Return a value from the closure and call ctx after it"
             )
@@ -209,22 +401,23 @@ class Context:
         """
         if entry.failure is not None:
             raise terminal_from(entry.failure) from cause
-        where = self._where(entry.index, entry.name)
         if entry.codec != codec.name:
             raise CodecError(
-                f"{where}: journaled with codec {entry.codec!r}, but the code now asks for "
-                f"{codec.name!r}; keep the codec a step was recorded with"
+                f"{self._where(entry.index, entry.name)}: journaled with codec {entry.codec!r}, "
+                f"but the code now asks for {codec.name!r}; keep the codec a step was recorded with"
             )
         if entry.payload is None:
-            raise CodecError(f"{where}: the journaled entry has no payload")
+            raise CodecError(
+                f"{self._where(entry.index, entry.name)}: the journaled entry has no payload"
+            )
         try:
             return codec.decode(entry.payload)
         except CodecError as exc:
-            raise CodecError(f"{where}: {exc}") from exc
+            raise CodecError(f"{self._where(entry.index, entry.name)}: {exc}") from exc
         except Exception as exc:
             raise CodecError(
-                f"{where}: codec {codec.name!r} failed to decode {len(entry.payload)} bytes: "
-                f"{type(exc).__name__}: {exc}"
+                f"{self._where(entry.index, entry.name)}: codec {codec.name!r} failed to decode "
+                f"{len(entry.payload)} bytes: {type(exc).__name__}: {exc}"
             ) from exc
 
     def _where(self, index: int, name: str | None) -> str:
@@ -233,3 +426,7 @@ class Context:
 
     def __repr__(self) -> str:
         return f"<Context invocation={self.invocation_id!r} handler={self._handler!r}>"
+
+
+def _indexes(futs: list[RunFuture[Any]]) -> list[int]:
+    return [fut.index for fut in futs]

@@ -7,6 +7,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import attrs
@@ -83,6 +84,9 @@ class Runtime:
         options: the default :class:`RunOptions` of every run.
         clock: where retries read time and sleep (tests pass a fake one).
         on_retry: called with a :class:`RetryDetails` after each failed attempt.
+        max_workers: how many ``ctx.run_async`` closures run at once, over
+            all invocations of this Runtime (8); more wait their turn.
+            :meth:`close` waits for the running ones.
     """
 
     def __init__(
@@ -93,7 +97,10 @@ class Runtime:
         options: RunOptions | None = None,
         clock: Clock | None = None,
         on_retry: RetryHook | None = None,
+        max_workers: int = 8,
     ) -> None:
+        if isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1:
+            raise ValueError(f"max_workers must be a whole number >= 1, got {max_workers!r}")
         if backend is None or isinstance(backend, (str, Mapping)):
             self.backend = _open_default(backend)
             self._owns_backend = True
@@ -109,6 +116,11 @@ class Runtime:
         self.clock: Clock = clock if clock is not None else SystemClock()
         self.on_retry = on_retry
         self._handlers: dict[str, HandlerSpec] = {}
+        self.max_workers = max_workers
+        # Threads start on first use, so a Runtime without futures has none.
+        self._executor = ThreadPoolExecutor(
+            max_workers=max_workers, thread_name_prefix="runjournal-future"
+        )
 
     # -- registration ----------------------------------------------------------
 
@@ -212,13 +224,25 @@ class Runtime:
             defaults=self.options,
             clock=self.clock,
             on_retry=self.on_retry,
+            executor=self._executor,
         )
         input_value = self._decode(spec, stored.input, "input", stored.id)
+        # An invocation ends only once every future it started is journaled
+        # (or has failed), whatever the handler did: a completed invocation is
+        # never replayed, so a side effect still running would be lost.
         try:
             result = spec.fn(ctx, input_value)
         except TerminalError as exc:
+            ctx._settle_futures(strict=False)
             done = self._complete(stored, status=InvocationStatus.FAILED, failure=failure_of(exc))
             return self._finished(spec, done, cause=exc)
+        except Exception:
+            ctx._settle_futures(strict=False)
+            raise
+        except BaseException:
+            ctx._abandon_futures()
+            raise
+        ctx._settle_futures(strict=True)
         try:
             output = spec.codec.encode(result)
         except Exception as exc:
@@ -310,7 +334,9 @@ class Runtime:
     # -- lifecycle --------------------------------------------------------------
 
     def close(self) -> None:
-        """Close the backend if this Runtime opened it."""
+        """Wait for running futures, stop the executor, and close the backend if
+        this Runtime opened it."""
+        self._executor.shutdown(wait=True)
         if self._owns_backend:
             self.backend.close()
 
