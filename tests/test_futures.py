@@ -620,6 +620,34 @@ def test_a_failing_handler_waits_for_its_futures_before_invoke_returns(rt: Runti
     assert calls == {"side": 1}
 
 
+def test_an_interrupted_handler_cancels_futures_not_yet_started(
+    make_runtime: Callable[..., Runtime],
+) -> None:
+    rt = make_runtime(max_workers=1)
+    gates = {"a": threading.Event(), "b": threading.Event()}
+    gates["b"].set()
+
+    started = threading.Event()
+
+    def a() -> None:
+        started.set()
+        gated("a", gates)()
+
+    @rt.handler("h")
+    def h(ctx: Context, _: Any) -> None:
+        ctx.run_async(a, name="a")
+        assert started.wait(WAIT)  # "a" holds the only worker
+        ctx.run_async(gated("b", gates), name="b")  # queued behind it
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        rt.invoke("h", invocation_id="x")
+    gates["a"].set()
+    rt.close()  # waits for "a"
+    assert calls == {"a": 1}
+    assert [e.name for e in rt.backend.read_entries("x")] == ["a"]
+
+
 # -- misuse --------------------------------------------------------------------------
 
 
