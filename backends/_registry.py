@@ -343,5 +343,5 @@ def open_backend(url: str | Mapping[str, Any] | None = None, **options: Any) -> 
     merged = {**query, **options}
     _check_options(scheme, cls, merged)
     # Sliced, not rebuilt: urlunsplit() turns "lmdb:///abs" into "lmdb:/abs".
-    bare = url.partition("?")[0].rstrip("#")
+    bare = url.partition("?")[0]
     return cls.from_url(bare, **merged)
