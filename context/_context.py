@@ -7,7 +7,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
-from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from context._cursor import ReplayCursor, describe
@@ -46,17 +45,6 @@ def _active() -> list[Context]:
     if stack is None:
         stack = _local.closures = []
     return stack
-
-
-@contextmanager
-def inside_closure(ctx: Context) -> Iterator[None]:
-    """Mark this thread as running one of ``ctx``'s closures."""
-    stack = _active()
-    stack.append(ctx)
-    try:
-        yield
-    finally:
-        stack.pop()
 
 
 class Context:
@@ -338,8 +326,13 @@ class Context:
             raise TypeError(f"run {name!r}: fn must be a callable taking no arguments, got {fn!r}")
 
         def attempt() -> Any:
-            with inside_closure(self):
+            # Marks this thread as running one of this context's closures.
+            stack = _active()
+            stack.append(self)
+            try:
                 return fn()
+            finally:
+                stack.pop()
 
         outcome = call_with_retry(
             attempt, opts, name=name, clock=self._clock, on_retry=self._on_retry

@@ -117,7 +117,7 @@ def call_with_retry(
     while True:
         attempt += 1
         try:
-            return Succeeded(fn(), attempt)
+            value = fn()
         except TerminalError as exc:
             return Failed(exc, attempt)
         except ContextMisuseError:
@@ -146,6 +146,8 @@ def call_with_retry(
                 on_retry(RetryDetails(name, attempt, delay, elapsed, exc))
             if not _testing.is_set():
                 clock.sleep(delay)
+        else:
+            return Succeeded(value, attempt)
 
 
 def _exhausted(options: RunOptions, attempt: int, next_start: float) -> str | None:

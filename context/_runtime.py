@@ -198,7 +198,8 @@ class Runtime:
         )
         if not created:
             self._check_same(stored, spec, input_bytes)
-        return self._drive(spec, stored)
+        # Nothing can be journaled yet for an invocation this call created.
+        return self._drive(spec, stored, fresh=created)
 
     def _check_same(self, stored: Invocation, spec: HandlerSpec, input_bytes: bytes) -> None:
         if stored.handler != spec.name:
@@ -213,11 +214,15 @@ class Runtime:
                 "(or with rt.recover())"
             )
 
-    def _drive(self, spec: HandlerSpec, stored: Invocation) -> Any:
-        """Return a finished invocation's outcome, or run it to one."""
+    def _drive(self, spec: HandlerSpec, stored: Invocation, *, fresh: bool = False) -> Any:
+        """Return a finished invocation's outcome, or run it to one.
+
+        ``fresh``: the invocation was just created, so no entries are read.
+        """
         if stored.status is not InvocationStatus.PENDING:
             return self._finished(spec, stored)
-        cursor = ReplayCursor(self.backend, stored.id, self.backend.read_entries(stored.id))
+        recorded = [] if fresh else self.backend.read_entries(stored.id)
+        cursor = ReplayCursor(self.backend, stored.id, recorded)
         ctx = Context(
             cursor,
             handler=spec.name,
