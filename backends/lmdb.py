@@ -262,10 +262,12 @@ class _Environment:
                     self._leading = False
                 else:
                     successor.lead = True
-            for op in batch:
-                op.wake.release()
+            # The next leader first: it is then first in line for the GIL, and
+            # the next commit does not wait behind every writer just woken.
             if successor is not None:
                 successor.wake.release()
+            for op in batch:
+                op.wake.release()
 
     def _commit(self, batch: list[_Op]) -> None:
         try:
