@@ -15,8 +15,6 @@ installed (entry-point group ``pytest11``, name ``runjournal``). Fixtures:
 
 Register the handler under test on the fixture's runtime, then crash it::
 
-    from context.testing import CrashReport
-
     def test_the_card_is_charged_once(runjournal_runtime, runjournal_crash):
         runjournal_runtime.handler("orders.process")(process_order)
         report = runjournal_crash("orders.process", {"id": 42}, step="charge-card")
@@ -25,8 +23,9 @@ Register the handler under test on the fixture's runtime, then crash it::
 
 The crash machinery is engine-agnostic: :class:`CrashingBackend` wraps any
 :class:`journal.JournalBackend` and raises :class:`SimulatedCrash` at one
-journal step, which ends the invocation attempt like a killed process would
-(nothing after that write happens; what is durable stays durable).
+journal step, which ends the invocation attempt like a killed process would:
+from then on that client refuses every call, from any thread, and what was
+durable stays durable.
 """
 
 from __future__ import annotations
@@ -41,7 +40,7 @@ import pytest
 
 from context._retry import is_testing, set_testing
 from context._runtime import Runtime
-from journal import Capabilities, Entry, Invocation, InvocationStatus, JournalBackend
+from journal import Capabilities, Entry, EntryKind, Invocation, InvocationStatus, JournalBackend
 
 __all__ = [
     "CrashHelper",
@@ -86,7 +85,9 @@ class SimulatedCrash(BaseException):
         self.durable = durable
 
 
-def _check_step(step: object) -> int | str:
+def _check_step(step: object) -> int | str | None:
+    if step is None:
+        return None
     if isinstance(step, bool) or not isinstance(step, (int, str)):
         raise TypeError(f"step must be a journal index (int) or a step name (str), got {step!r}")
     if isinstance(step, int) and step < 0:
@@ -97,20 +98,30 @@ def _check_step(step: object) -> int | str:
 class CrashingBackend:
     """A :class:`journal.JournalBackend` wrapper that crashes at one journal step.
 
-    It passes every call to ``inner``, and records each entry it is asked to
-    append. When armed, the first append that matches ``step`` — by journal
-    index (int, 0-based, as in error messages) or by step name (str) —
-    raises :class:`SimulatedCrash`, then the wrapper disarms itself:
+    It passes every call to ``inner`` and records each entry it is asked to
+    append. The first append matching ``step`` — by journal index (int,
+    0-based, as in error messages) or by step name (str) — raises
+    :class:`SimulatedCrash`:
 
     - ``lose_entry=False``: right after the entry is durable (the step is
       recorded; a re-run must not call its closure again);
     - ``lose_entry=True``: instead of writing it (the closure ran, its
       outcome is lost; a re-run calls it again: at-least-once).
 
+    From then on the wrapper is a dead process: every call raises
+    :class:`SimulatedCrash` and writes nothing, whichever thread makes it (a
+    ``run_async`` closure finishing late, say). To "restart", open a new
+    client, or wrap ``inner`` again. ``close()`` still closes ``inner``.
+
     Args:
-        inner: the journal to wrap; closing the wrapper closes it.
-        step: where to crash; None leaves the wrapper disarmed (see :meth:`arm`).
+        inner: the journal to wrap.
+        step: where to crash; None never crashes (the wrapper only records).
         lose_entry: crash before the entry is written rather than after.
+
+    Attributes:
+        appended: every entry the core asked this wrapper to append, in order.
+        lost: those of them that never reached ``inner``.
+        crashed: the crash, once it happened.
     """
 
     def __init__(
@@ -118,24 +129,11 @@ class CrashingBackend:
     ) -> None:
         self.inner = inner
         self.appended: list[Entry] = []
+        self.lost: list[Entry] = []
         self.crashed: SimulatedCrash | None = None
-        self._step: int | str | None = None
-        self._lose_entry = False
+        self._step = _check_step(step)
+        self._lose_entry = lose_entry
         self._lock = threading.Lock()
-        if step is not None:
-            self.arm(step, lose_entry=lose_entry)
-
-    def arm(self, step: int | str, *, lose_entry: bool = False) -> None:
-        """Crash at the next append matching ``step`` (see the class docstring)."""
-        step = _check_step(step)
-        with self._lock:
-            self._step = step
-            self._lose_entry = lose_entry
-
-    @property
-    def armed(self) -> bool:
-        """Whether a crash is still to come."""
-        return self._step is not None
 
     def _matches(self, entry: Entry) -> bool:
         step = self._step
@@ -143,41 +141,56 @@ class CrashingBackend:
             return False
         return entry.name == step if isinstance(step, str) else entry.index == step
 
+    def _alive(self) -> None:
+        crash = self.crashed
+        if crash is not None:
+            raise SimulatedCrash(crash.entry, crash.durable)
+
     @property
     def capabilities(self) -> Capabilities:
         return self.inner.capabilities
 
     def create_invocation(self, invocation: Invocation) -> tuple[Invocation, bool]:
+        self._alive()
         return self.inner.create_invocation(invocation)
 
     def get_invocation(self, invocation_id: str) -> Invocation | None:
+        self._alive()
         return self.inner.get_invocation(invocation_id)
 
     def update_invocation(self, invocation: Invocation) -> Invocation:
+        self._alive()
         return self.inner.update_invocation(invocation)
 
     def read_entries(self, invocation_id: str, start: int = 0) -> list[Entry]:
+        self._alive()
         return self.inner.read_entries(invocation_id, start)
 
     def append_entry(self, invocation_id: str, entry: Entry) -> None:
         with self._lock:
             self.appended.append(entry)
-            crash = self._matches(entry)
-            lose = self._lose_entry
-            if crash:
-                self._step = None  # one crash per arming
-        if crash and lose:
-            self.crashed = SimulatedCrash(entry, durable=False)
-            raise self.crashed
+            if self.crashed is not None:  # dead: nothing more reaches the journal
+                self.lost.append(entry)
+                raise SimulatedCrash(self.crashed.entry, self.crashed.durable)
+            crash_here = self._matches(entry)
+            if crash_here:
+                self._step = None  # one crash, even if two threads write that step
+                if self._lose_entry:
+                    self.lost.append(entry)
+                    self.crashed = SimulatedCrash(entry, durable=False)
+                    raise self.crashed
         self.inner.append_entry(invocation_id, entry)
-        if crash:
-            self.crashed = SimulatedCrash(entry, durable=True)
+        if crash_here:
+            with self._lock:
+                self.crashed = SimulatedCrash(entry, durable=True)
             raise self.crashed
 
     def list_invocations(self, status: InvocationStatus | None = None) -> Iterator[str]:
+        self._alive()
         return self.inner.list_invocations(status)
 
     def delete_invocation(self, invocation_id: str) -> bool:
+        self._alive()
         return self.inner.delete_invocation(invocation_id)
 
     def close(self) -> None:
@@ -190,7 +203,10 @@ class CrashingBackend:
         self.close()
 
     def __repr__(self) -> str:
-        state = f"step={self._step!r}" if self._step is not None else "disarmed"
+        if self.crashed is not None:
+            state = f"crashed at index {self.crashed.entry.index}"
+        else:
+            state = f"step={self._step!r}" if self._step is not None else "recording"
         return f"CrashingBackend({self.inner!r}, {state})"
 
 
@@ -200,13 +216,16 @@ class CrashReport:
 
     A step counts as *run* in an attempt when that attempt asked the journal
     to record its outcome (its closure ran to a result or a terminal
-    failure), so a closure that was retried counts once.
+    failure), so a closure that was retried counts once. A ``run_async``
+    closure still running when the crash happened is not waited for.
 
     Attributes:
         invocation_id: the invocation that was crashed and re-run.
         crash: the :class:`SimulatedCrash` that ended the first run.
-        first_run: the entries the first run wrote, in order, including the
-            one lost in the crash (when ``lose_entry``).
+        first_run: the entries the first run asked to write, in order,
+            durable or not.
+        lost: those of them that never reached the journal (the crashed step
+            with ``lose_entry=True``; any step finishing after the crash).
         rerun: the entries the re-run wrote, in order.
         output: what the re-run returned.
     """
@@ -214,24 +233,28 @@ class CrashReport:
     invocation_id: str
     crash: SimulatedCrash
     first_run: tuple[Entry, ...]
+    lost: tuple[Entry, ...]
     rerun: tuple[Entry, ...]
     output: Any
 
     @property
     def called_again(self) -> tuple[Entry, ...]:
-        """The re-run's entries for steps the first run had already run.
+        """The re-run's entries for steps whose closures the first run had already run.
 
-        Empty when the crash came after the step was durable; the crashed
-        step alone when its outcome was lost (``lose_entry=True``).
+        Only ``run`` steps count (a ``wait``/``wait_first`` decision has no
+        closure). Empty when every step the first run ran was durable before
+        the crash; with ``lose_entry=True``, at least the crashed step.
         """
         seen = {entry.index for entry in self.first_run}
-        return tuple(entry for entry in self.rerun if entry.index in seen)
+        return tuple(
+            entry for entry in self.rerun if entry.index in seen and entry.kind is EntryKind.RUN
+        )
 
     @property
     def replayed(self) -> tuple[int, ...]:
         """Journal indexes the re-run took from the journal instead of running."""
-        again = {entry.index for entry in self.rerun}
-        return tuple(sorted({e.index for e in self.first_run} - again))
+        durable = {e.index for e in self.first_run} - {e.index for e in self.lost}
+        return tuple(sorted(durable - {e.index for e in self.rerun}))
 
     @property
     def resumed(self) -> tuple[Entry, ...]:
@@ -251,9 +274,12 @@ def crash_and_rerun(
 ) -> CrashReport:
     """Invoke ``handler``, crash it at ``step``, invoke it again; report what ran twice.
 
-    ``runtime.backend`` is wrapped in a :class:`CrashingBackend` for the two
-    runs and restored afterwards. The re-run is ``runtime.invoke`` with the
-    same input and invocation id, as a restarted worker would do.
+    The first run goes through a :class:`CrashingBackend` around
+    ``runtime.backend``; the re-run through a fresh recording wrapper, as a
+    restarted worker with a new client would (threads of the crashed run
+    that are still going keep hitting the dead wrapper). ``runtime.backend``
+    is restored afterwards. The re-run is ``runtime.invoke`` with the same
+    input and invocation id.
 
     Args:
         runtime: the Runtime the handler is registered on (any engine).
@@ -279,23 +305,24 @@ def crash_and_rerun(
     try:
         try:
             runtime.invoke(handler, input, invocation_id=inv_id)
-        except SimulatedCrash as exc:
-            if exc is not crashing.crashed:
+        except SimulatedCrash:
+            crash = crashing.crashed
+            if crash is None:
                 raise  # another CrashingBackend's crash: not ours to handle
-            crash = exc
-            first_run = tuple(crashing.appended)
         else:
             written = ", ".join(_describe(e) for e in crashing.appended) or "nothing"
             raise AssertionError(
                 f"invocation {inv_id!r} finished without reaching step {step!r}, so no crash "
                 f"was simulated; it journaled: {written}"
             )
-        del crashing.appended[:]
+        restarted = CrashingBackend(original)
+        runtime.backend = restarted
         output = runtime.invoke(handler, input, invocation_id=inv_id)
-        rerun = tuple(crashing.appended)
     finally:
         runtime.backend = original
-    return CrashReport(inv_id, crash, first_run, rerun, output)
+    with crashing._lock:
+        first_run, lost = tuple(crashing.appended), tuple(crashing.lost)
+    return CrashReport(inv_id, crash, first_run, lost, tuple(restarted.appended), output)
 
 
 class CrashHelper(Protocol):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -185,7 +187,7 @@ def test_crash_and_rerun_works_on_a_runtime_of_ones_own(waits_on: None) -> None:
     assert report.called_again == ()
 
 
-def test_a_simulated_crash_ends_the_attempt_and_recover_resumes_it() -> None:
+def test_after_a_crash_the_client_is_dead_and_a_restart_recovers() -> None:
     calls: list[str] = []
     crashing = CrashingBackend(MemoryBackend(), step="b", lose_entry=True)
     rt = Runtime(crashing)
@@ -193,24 +195,72 @@ def test_a_simulated_crash_ends_the_attempt_and_recover_resumes_it() -> None:
     with pytest.raises(SimulatedCrash, match=r"while writing journal index 1 \('b' run\)") as info:
         rt.invoke("orders", 1, invocation_id="o-1")
     assert info.value is crashing.crashed and not info.value.durable
-    assert not crashing.armed
-    assert [e.index for e in crashing.inner.read_entries("o-1")] == [0]
     assert calls == ["a", "b"]
-    [result] = rt.recover()
+    assert [e.name for e in crashing.lost] == ["b"]
+    # A dead process does nothing more, whoever asks.
+    with pytest.raises(SimulatedCrash):
+        crashing.get_invocation("o-1")
+    with pytest.raises(SimulatedCrash):
+        crashing.append_entry("o-1", make_entry(2))
+    assert [e.index for e in crashing.lost] == [1, 2]
+    assert [e.index for e in crashing.inner.read_entries("o-1")] == [0]
+
+    restarted = Runtime(crashing.inner)
+    _order_handler(restarted, calls)
+    [result] = restarted.recover()
     assert result.output == ["a-1", "b-1", "c-1"]
     assert calls == ["a", "b", "b", "c"]
-    assert [e.name for e in crashing.appended] == ["a", "b", "b", "c"]
 
 
-def test_a_durable_crash_keeps_the_entry() -> None:
-    crashing = CrashingBackend(MemoryBackend())
+def test_a_durable_crash_keeps_the_entry_and_refuses_the_next() -> None:
+    crashing = CrashingBackend(MemoryBackend(), step=1)
     crashing.create_invocation(make_invocation("x"))
-    crashing.append_entry("x", make_entry(0))  # disarmed: passes through
-    crashing.arm(1)
+    crashing.append_entry("x", make_entry(0))
     with pytest.raises(SimulatedCrash, match=r"right after journal index 1 .* durable"):
         crashing.append_entry("x", make_entry(1))
-    crashing.append_entry("x", make_entry(2))  # one crash per arming
-    assert [e.index for e in crashing.read_entries("x")] == [0, 1, 2]
+    with pytest.raises(SimulatedCrash, match=r"right after journal index 1 .* durable"):
+        crashing.append_entry("x", make_entry(2))
+    assert [e.index for e in crashing.inner.read_entries("x")] == [0, 1]
+    assert [e.index for e in crashing.appended] == [0, 1, 2]
+    assert [e.index for e in crashing.lost] == [2]
+
+
+def test_a_crash_in_a_run_async_thread_ends_the_whole_attempt(waits_on: None) -> None:
+    calls: list[str] = []
+    lock = threading.Lock()
+    backend = MemoryBackend()
+    rt = Runtime(backend)
+
+    def step(name: str, after: int | None = None) -> Callable[[], str]:
+        def closure() -> str:
+            # Ordered, so the test does not depend on thread timing: "b"
+            # finishes only once "a" is durable.
+            deadline = time.monotonic() + 10
+            while after is not None and not backend.read_entries("fan", start=after):
+                assert time.monotonic() < deadline, "step a was never journaled"
+                time.sleep(0.001)
+            with lock:
+                calls.append(name)
+            return name.upper()
+
+        return closure
+
+    @rt.handler("fan-out")
+    def fan_out(ctx: Context, _: None) -> list[str]:
+        a = ctx.run_async(step("a"), name="a")
+        b = ctx.run_async(step("b", after=0), name="b")
+        ctx.wait_first(a, b)
+        done = [a.result(), b.result()]  # the crash of b's thread surfaces here
+        return [*done, ctx.run(step("c"), name="c")]
+
+    try:
+        report = crash_and_rerun(rt, "fan-out", step="b", lose_entry=True, invocation_id="fan")
+    finally:
+        rt.close()
+    assert report.output == ["A", "B", "C"]
+    assert [e.name for e in report.called_again] == ["b"]
+    assert "b" in [e.name for e in report.lost]
+    assert sorted(calls) == ["a", "b", "b", "c"]
 
 
 @pytest.mark.parametrize(("step", "error"), [(True, TypeError), (-1, ValueError), (1.0, TypeError)])
