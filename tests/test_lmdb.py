@@ -437,3 +437,35 @@ def test_runtime_defaults_to_lmdb_in_the_working_directory(
             return ctx.run(lambda: x + 1, name="inc")  # type: ignore[no-any-return]
 
         assert rt.invoke("h", 1, invocation_id="a") == 2
+
+
+GROWER = """
+import os, sys
+from backends.lmdb import LMDBBackend
+from journal.testing import make_entry, make_invocation
+backend = LMDBBackend.open(sys.argv[1], map_size=64 << 10)
+backend.create_invocation(make_invocation("grown"))
+for index in range(300):
+    backend.append_entry("grown", make_entry(index, os.urandom(8192)))
+print(backend._environment.env.info()["map_size"])
+"""
+
+
+def test_a_map_grown_by_another_process_is_adopted(tmp_path: Path) -> None:
+    path = tmp_path / "j"
+    backend = LMDBBackend.open(path, map_size=64 << 10)
+    backend.create_invocation(make_invocation("mine"))
+    backend.append_entry("mine", make_entry(0))
+    grown = subprocess.run(
+        [sys.executable, "-c", GROWER, str(path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert int(grown.stdout) >= 2 << 20  # the other process grew the map past 2 MiB
+    # This process's map is still 64 KiB: reads and writes must adopt the new size.
+    assert len(backend.read_entries("grown")) == 300
+    backend.append_entry("mine", make_entry(1, os.urandom(8192)))
+    assert [e.index for e in backend.read_entries("mine")] == [0, 1]
+    backend.close()
