@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -86,8 +87,16 @@ def worker(journal: str, ledger: Path, crash: bool) -> int:
 def demo(journal: str | None) -> int:
     """Run the story in two real processes; return 0 when the shipment ran exactly once."""
     workdir = Path(tempfile.mkdtemp(prefix="runjournal-demo-"))
-    journal = journal or f"lmdb://{workdir / 'journal'}"
-    ledger = workdir / "shipments.log"
+    try:
+        return _play(journal or f"lmdb://{workdir / 'journal'}", workdir / "shipments.log")
+    finally:
+        if journal is None:
+            print(f"(the journal stays in {workdir} for you to look at)")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _play(journal: str, ledger: Path) -> int:
     print(f"journal: {journal}")
     with Runtime(journal) as rt:
         if rt.status(INVOCATION) is not None:
