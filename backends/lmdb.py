@@ -22,7 +22,7 @@ import re
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from typing import Any, Final, TypeVar
+from typing import Any, Final, TypeVar, cast
 from urllib.parse import urlsplit
 
 import attrs
@@ -328,8 +328,9 @@ class _Environment:
         if not ops:
             return
         cursor = txn.cursor()
-        keys = list(dict.fromkeys(key for op in ops for key in op.reads))
-        found: dict[bytes, bytes | None] = {bytes(k): bytes(v) for k, v in cursor.getmulti(keys)}
+        # Not a buffers=True transaction, so keys and values come back as bytes.
+        pairs = cursor.getmulti([key for op in ops for key in op.reads])
+        found: dict[bytes, bytes | None] = dict(cast("list[tuple[bytes, bytes]]", pairs))
         written: dict[bytes, bytes | None] = {}
         for op in ops:
             assert op.apply is not None
