@@ -1,0 +1,195 @@
+"""The S3 engine for the benchmark suite, against a moto server on 127.0.0.1.
+
+``s3_engine(workdir)`` starts the server, creates a bucket and yields
+``(opener, counter)``: ``opener()`` opens a new :class:`backends.s3.S3Backend`
+client on a journal of its own (a fresh prefix, as the LMDB engine gets a
+fresh directory per run; ``opener.again()`` opens another client on the last
+one), and ``counter`` counts the HTTP requests of every client opened, by S3
+operation (botocore's ``before-send`` event).
+
+Run it directly for the request counts and rates of W1, W2 and W3 once::
+
+    python -m benchmarks.s3
+
+moto is an in-process Python server: the rates measure the engine plus moto
+on the same cores, not S3, whose latency (10-50 ms per request) dominates in
+production. The request counts carry over.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+import boto3
+import botocore.config
+from moto.server import ThreadedMotoServer
+
+from backends.s3 import S3Backend
+
+__all__ = ["RequestCounter", "S3Opener", "s3_engine"]
+
+_DUMMY_ENV = {
+    "AWS_ACCESS_KEY_ID": "benchmark",
+    "AWS_SECRET_ACCESS_KEY": "benchmark",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+    "AWS_CONFIG_FILE": os.devnull,
+    "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+}
+
+
+class RequestCounter:
+    """HTTP requests by S3 operation, over every client it is attached to."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: collections.Counter[str] = collections.Counter()
+
+    def attach(self, client: Any) -> None:
+        client.meta.events.register("before-send.s3", self._count)
+
+    def _count(self, event_name: str, **_: Any) -> None:
+        operation = event_name.rsplit(".", 1)[-1]
+        with self._lock:
+            self._counts[operation] += 1
+
+    def reset(self) -> None:
+        with self._lock:
+            self._counts.clear()
+
+    def snapshot(self) -> dict[str, int]:
+        """Requests per operation since the last reset."""
+        with self._lock:
+            return dict(self._counts)
+
+    def total(self) -> int:
+        with self._lock:
+            return sum(self._counts.values())
+
+
+class S3Opener:
+    """Opens engine clients on the benchmark bucket; each call a fresh journal."""
+
+    def __init__(self, endpoint_url: str, bucket: str, counter: RequestCounter) -> None:
+        self.endpoint_url = endpoint_url
+        self.bucket = bucket
+        self.counter = counter
+        self.prefix = ""
+        self._session = boto3.session.Session()
+
+    def __call__(self) -> S3Backend:
+        self.prefix = f"bench-{uuid.uuid4().hex[:12]}"
+        return self.again()
+
+    def again(self) -> S3Backend:
+        """Another client on the journal the last call opened."""
+        client = self._session.client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            region_name="us-east-1",
+            config=botocore.config.Config(
+                retries={"total_max_attempts": 1, "mode": "standard"},
+                max_pool_connections=64,
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+            ),
+        )
+        self.counter.attach(client)
+        return S3Backend(client, self.bucket, self.prefix, owns_client=True)
+
+
+@contextmanager
+def s3_engine(workdir: Path) -> Iterator[tuple[S3Opener, RequestCounter]]:
+    """A moto S3 server on 127.0.0.1 with one bucket; yields ``(opener, counter)``.
+
+    ``workdir`` is not used: moto keeps the objects in memory.
+    """
+    del workdir
+    saved = {name: os.environ.get(name) for name in _DUMMY_ENV}
+    os.environ.update(_DUMMY_ENV)
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        bucket = f"bench-{uuid.uuid4().hex[:12]}"
+        boto3.session.Session().client(
+            "s3", endpoint_url=endpoint, region_name="us-east-1"
+        ).create_bucket(Bucket=bucket)
+        counter = RequestCounter()
+        yield S3Opener(endpoint, bucket, counter), counter
+    finally:
+        server.stop()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _main() -> None:  # pragma: no cover - a measurement, run by hand
+    from benchmarks._workloads import (
+        STEPS,
+        W2_INVOCATIONS,
+        W2_STEPS,
+        _Crash,
+        _steps_runtime,
+        w2_concurrent,
+    )
+
+    with s3_engine(Path(".")) as (opener, counter):
+        # W1: 1000 sequential steps in one invocation.
+        backend = opener()
+        rt = _steps_runtime(backend, STEPS)
+        counter.reset()
+        start = time.perf_counter()
+        rt.invoke("bench.steps", None, invocation_id="w1")
+        w1_rate = STEPS / (time.perf_counter() - start)
+        w1 = counter.snapshot()
+        backend.close()
+        print(f"W1 {STEPS} steps: {w1_rate:,.0f} steps/s; requests {w1}")
+        print(f"   {sum(w1.values()) / STEPS:.3f} requests/step, incl. the once-per-client probe")
+
+        # W2: 64 invocations x 10 steps from threads, one client.
+        counter.reset()
+        w2_rate = w2_concurrent(opener)
+        w2 = counter.snapshot()
+        steps = W2_INVOCATIONS * W2_STEPS
+        print(f"W2 {W2_INVOCATIONS}x{W2_STEPS} steps: {w2_rate:,.0f} steps/s; requests {w2}")
+        print(f"   {sum(w2.values()) / steps:.3f} requests/step")
+
+        # W3: a 1000-step journal left pending, replayed by another client.
+        writer = opener()
+        crash = [True]
+        with suppress(_Crash):
+            _steps_runtime(writer, STEPS, crash).invoke("bench.steps", None, invocation_id="w3")
+        writer.close()
+        reader = opener.again()
+        crash[0] = False
+        counter.reset()
+        start = time.perf_counter()
+        reached = _steps_runtime(reader, STEPS, crash).invoke(
+            "bench.steps", None, invocation_id="w3"
+        )
+        replay = counter.snapshot()
+        print(
+            f"W3 replay of {STEPS} steps: {STEPS / (reached - start):,.0f} steps/s; "
+            f"requests until the last step and completion {replay}"
+        )
+        counter.reset()
+        entries = opener.again().read_entries("w3")
+        print(f"   read_entries of the completed journal ({len(entries)}): {counter.snapshot()}")
+
+
+if __name__ == "__main__":
+    _main()
