@@ -624,9 +624,7 @@ class S3Backend:
                     f"key(s) not deleted, e.g. {first.get('Key')!r}: {first.get('Code')}"
                 )
 
-    def _list(
-        self, prefix: str, *, start_after: str | None = None, max_keys: int | None = None
-    ) -> list[str]:
+    def _list(self, prefix: str, *, start_after: str | None = None) -> list[str]:
         """The keys under ``prefix`` (after ``start_after``), in key order."""
         keys: list[str] = []
         token: str | None = None
@@ -636,16 +634,12 @@ class S3Backend:
                 params["ContinuationToken"] = token
             elif start_after is not None:
                 params["StartAfter"] = start_after
-            if max_keys is not None:
-                params["MaxKeys"] = max_keys
             response = self._request(
                 "ListObjectsV2",
                 prefix,
                 lambda params=params: self.client.list_objects_v2(**params),  # type: ignore[misc]
             )
             keys.extend(str(item["Key"]) for item in response.get("Contents") or [])
-            if max_keys is not None and len(keys) >= max_keys:
-                return keys[:max_keys]
             if not response.get("IsTruncated"):
                 return keys
             token = response.get("NextContinuationToken")
@@ -760,18 +754,25 @@ class S3Backend:
         body = encode_invocation(stored)
         # The marker goes first, so a pending record always has one.
         self._put(self._status_dir(stored.status, k) + _number(1), b"")
-        try:
-            etag = self._put(key, body, create_only=True)
-        except _PreconditionFailed as exc:
-            got = self._get(key)
-            if got is None:  # deleted again in between: rare, report as a lost race
-                raise VersionConflict(invocation.id, 0, None) from exc
-            if exc.retried and got[0] == body:
-                etag = got[1]  # our first try landed and its answer was lost
-            else:
+        for _ in range(3):
+            try:
+                etag = self._put(key, body, create_only=True)
+                break
+            except _PreconditionFailed as exc:
+                got = self._get(key)
+                if got is None:
+                    continue  # deleted again since: try to create it once more
+                if exc.retried and got[0] == body:
+                    etag = got[1]  # our first try landed and its answer was lost
+                    break
                 current = self._decode_record(got[0], invocation.id, key)
                 self._remember_record(current, got[1])
                 return current, False
+        else:
+            raise TransientError(
+                f"invocation {invocation.id!r} was created and deleted by others while this "
+                "client tried to create it; try again"
+            )
         self._remember_record(stored, etag)
         with self._lock:
             known = self._state(stored.id)
@@ -828,7 +829,10 @@ class S3Backend:
                 raise VersionConflict(invocation.id, invocation.version, current.version) from exc
             new_etag = got[1]  # our first try landed and its answer was lost
         self._remember_record(stored, new_etag)
-        self._delete(self._status_dir(old_status, k) + _number(invocation.version))
+        try:
+            self._delete(self._status_dir(old_status, k) + _number(invocation.version))
+        except JournalError as exc:  # the update stands; listing skips a stale marker
+            log.warning("invocation %r: stale status marker left: %s", invocation.id, exc)
         if stored.status is not InvocationStatus.PENDING:
             self._pack(stored.id, k, final=True)
         return stored
@@ -838,7 +842,8 @@ class S3Backend:
         if status is None:
             root = f"{self._root}inv/"
             segments = [key[len(root) :] for key in self._list(root)]
-            return iter(sorted(self._map(self._id_of_segment, segments)))
+            found = self._map(self._id_of_segment, segments)
+            return iter(sorted(i for i in found if i is not None))
         # Markers may be stale (a crash between steps, a lost CAS race): each
         # candidate's record has the last word, and no entry key is read.
         base = self._status_dir(status)
@@ -854,14 +859,14 @@ class S3Backend:
 
         return iter(sorted(i for i in self._map(current, candidates) if i is not None))
 
-    def _id_of_segment(self, k: str) -> str:
+    def _id_of_segment(self, k: str) -> str | None:
         invocation_id = decode_id(k)
         if invocation_id is not None:
             return invocation_id
         key = self._inv_key(k)
         got = self._get(key)
         if got is None:  # deleted since it was listed
-            raise InvocationNotFound(f"<hashed id {k}>")
+            return None
         inv = self._decode_record(got[0], None, key)
         if encode_id(inv.id) != k:
             raise JournalCorrupt(f"s3://{self.bucket}/{key} holds invocation {inv.id!r}")
