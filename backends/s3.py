@@ -340,6 +340,14 @@ class _Known:
         while self.contiguous in self.entries:
             self.contiguous += 1
 
+    def reset(self, records: Iterable[tuple[int, bytes]] = (), segment_end: int = 0) -> None:
+        """Know exactly ``records`` (the whole journal as just read, or nothing)."""
+        self.entries = {}
+        self.contiguous = 0
+        self.segment_end = segment_end
+        self.merge(records)
+        self.loaded = True
+
 
 # -- options ---------------------------------------------------------------------
 
@@ -725,6 +733,10 @@ class S3Backend:
         with self._lock:
             known = self._state(inv.id)
             assert known is not None
+            if known.record is not None and inv.version < known.record[0]:
+                # Deleted and created again by someone else: what we knew is void.
+                known.reset()
+                known.loaded = False
             known.record = (inv.version, etag, inv.status)
 
     def _forget(self, invocation_id: str) -> None:
@@ -778,9 +790,7 @@ class S3Backend:
             known = self._state(stored.id)
             assert known is not None
             # A new invocation has no entries: what this client appends is all there is.
-            known.entries.clear()
-            known.contiguous = known.segment_end = 0
-            known.loaded = True
+            known.reset()
         return stored, True
 
     def get_invocation(self, invocation_id: str) -> Invocation | None:
@@ -949,9 +959,11 @@ class S3Backend:
         with self._lock:
             known = self._state(invocation_id)
             assert known is not None
-            known.merge(records)
-            known.segment_end = max(known.segment_end, newest)
-            known.loaded = known.loaded or start == 0
+            if start == 0:
+                known.reset(records, newest)  # the store has the last word
+            else:
+                known.merge(records)
+                known.segment_end = max(known.segment_end, newest)
         return entries
 
     def _get_entry(self, key: str) -> bytes | None:

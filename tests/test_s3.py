@@ -357,6 +357,20 @@ def test_a_segment_never_covers_a_gap(opener: Open) -> None:
     assert [e.payload for e in opener().read_entries("gappy")][1:4] == [b'"ok"', b'"two"', b'"ok"']
 
 
+def test_a_journal_deleted_and_created_again_elsewhere_is_read_afresh(opener: Open) -> None:
+    a, b = opener(segment_every=2), opener(segment_every=2)
+    a.create_invocation(make_invocation("reborn"))
+    for index in range(3):
+        a.append_entry("reborn", make_entry(index, b'"old"'))
+    assert b.delete_invocation("reborn")
+    b.create_invocation(make_invocation("reborn"))
+    b.append_entry("reborn", make_entry(0, b'"new"'))
+    assert [e.payload for e in a.read_entries("reborn")] == [b'"new"']
+    a.append_entry("reborn", make_entry(1, b'"a"'))  # packs [0, 2) from what it read
+    assert _keys(a, "seg/") == ["seg/reborn/00000000000000000002"]
+    assert [e.payload for e in opener().read_entries("reborn")] == [b'"new"', b'"a"']
+
+
 # -- a crash, and another process finishing the work -----------------------------------
 
 CRASHY_WORKER = """
