@@ -1,6 +1,10 @@
-"""Shared fixtures: a fake clock and a Runtime on the memory engine."""
+"""Shared fixtures: a fake clock, a Runtime on the memory engine, a moto S3 server."""
 
 from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import attrs
 import pytest
@@ -37,3 +41,35 @@ def backend() -> MemoryBackend:
 @pytest.fixture
 def rt(backend: MemoryBackend, clock: FakeClock) -> Runtime:
     return Runtime(backend, clock=clock)
+
+
+@pytest.fixture(scope="session")
+def moto() -> Iterator[Any]:
+    """A moto S3 server over HTTP on 127.0.0.1, one per test session."""
+    from tests.s3_server import running_moto
+
+    with running_moto() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def bucket(moto: Any) -> str:
+    name: str = moto.new_bucket()
+    return name
+
+
+@pytest.fixture
+def new_s3_backend(moto: Any, bucket: str) -> Iterator[Callable[[], Any]]:
+    """Opens S3 engine clients, each on a fresh prefix of the session's bucket."""
+    from backends.s3 import S3Backend
+
+    opened: list[Any] = []
+
+    def make() -> Any:
+        backend = S3Backend(moto.client(), bucket, f"t-{uuid.uuid4().hex[:12]}", owns_client=True)
+        opened.append(backend)
+        return backend
+
+    yield make
+    for backend in opened:
+        backend.close()

@@ -43,9 +43,8 @@ from tests.conftest import FakeClock
 # -- engines ---------------------------------------------------------------------
 #
 # Each engine is a factory taking a fresh directory and returning an open,
-# empty backend. To run these tests on S3 too, add an "s3" entry whose factory
-# skips unless `backends.s3` (and moto) import, starts one moto server for the
-# session, and returns open_backend(f"s3://bucket/{path.name}?endpoint_url=...").
+# empty backend; "s3" opens a fresh prefix on the session's moto server
+# (tests/conftest.py).
 
 
 def _memory(path: Path) -> JournalBackend:
@@ -67,14 +66,18 @@ T = TypeVar("T")
 WAIT = 10.0  # a generous bound for every Event/barrier wait: a hang fails, not blocks
 
 
-@pytest.fixture(params=sorted(ENGINES))
+@pytest.fixture(params=[*sorted(ENGINES), "s3"])
 def new_backend(
     request: pytest.FixtureRequest, tmp_path: Path
 ) -> Iterator[Callable[[], JournalBackend]]:
     """Opens fresh, empty backends of one engine; closes them afterwards."""
     opened: list[JournalBackend] = []
+    if request.param == "s3":
+        open_s3: Callable[[], JournalBackend] = request.getfixturevalue("new_s3_backend")
 
     def make() -> JournalBackend:
+        if request.param == "s3":
+            return open_s3()  # the fixture closes its own clients
         backend = ENGINES[request.param](tmp_path / f"journal-{len(opened)}")
         opened.append(backend)
         return backend

@@ -42,22 +42,10 @@ from tests.s3_server import (
     MotoS3,
     RequestCounter,
     error_response,
-    running_moto,
     strip_conditional_headers,
 )
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="session")
-def moto() -> Iterator[MotoS3]:
-    with running_moto() as server:
-        yield server
-
-
-@pytest.fixture(scope="session")
-def bucket(moto: MotoS3) -> str:
-    return moto.new_bucket()
 
 
 @pytest.fixture
