@@ -127,7 +127,7 @@ def w3_replay(open_backend: Opener) -> float:
             rt.invoke("bench.steps", None, invocation_id="w3")
         crash[0] = False
         start = time.perf_counter()
-        reached = rt.invoke("bench.steps", None, invocation_id="w3")
+        reached: float = rt.invoke("bench.steps", None, invocation_id="w3")
         return STEPS / (reached - start)
     finally:
         backend.close()
