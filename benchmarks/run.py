@@ -48,31 +48,33 @@ TARGETS: dict[tuple[str, str], tuple[float, str]] = {
 }
 
 
-@contextmanager
-def _memory(_: Path) -> Iterator[Callable[[], Opener]]:
-    yield lambda: MemoryBackend
+Fresh = Callable[[], Opener]
+Extras = Callable[[], dict[str, float]] | None
 
 
 @contextmanager
-def _lmdb(workdir: Path) -> Iterator[Callable[[], Opener]]:
+def _memory(_: Path) -> Iterator[tuple[Fresh, Extras]]:
+    yield (lambda: MemoryBackend), None
+
+
+@contextmanager
+def _lmdb(workdir: Path) -> Iterator[tuple[Fresh, Extras]]:
     counter = itertools.count()
 
     def fresh() -> Opener:
         path = workdir / f"lmdb-{next(counter)}"
         return lambda: LMDBBackend.open(path)
 
-    yield fresh
+    yield fresh, None
 
 
-def _s3(workdir: Path) -> Any:
-    from benchmarks.s3 import s3_engine
+@contextmanager
+def _s3(workdir: Path) -> Iterator[tuple[Fresh, Extras]]:
+    from benchmarks.s3 import measure_requests, s3_engine
 
-    @contextmanager
-    def engine() -> Iterator[Callable[[], Opener]]:
-        with s3_engine(workdir) as (opener, _counter):
-            yield lambda: opener
-
-    return engine()
+    with s3_engine(workdir) as (opener, counter):
+        # Each call of the opener is a fresh journal (prefix) on the moto server.
+        yield (lambda: opener), (lambda: measure_requests(opener, counter))
 
 
 ENGINES: dict[str, Callable[[Path], Any]] = {"memory": _memory, "lmdb": _lmdb, "s3": _s3}
@@ -102,8 +104,8 @@ def measure(engines: list[str], workdir: Path, repeat: int) -> dict[str, Any]:
         "engines": {},
     }
     for engine in engines:
-        figures: dict[str, dict[str, float]] = {}
-        with ENGINES[engine](workdir) as fresh:
+        figures: dict[str, Any] = {}
+        with ENGINES[engine](workdir) as (fresh, extras):
             for name, workload in WORKLOADS.items():
                 rates, ratios = [], []
                 for _ in range(repeat):
@@ -113,6 +115,8 @@ def measure(engines: list[str], workdir: Path, repeat: int) -> dict[str, Any]:
                     rates.append(rate)
                     ratios.append(rate / raw)
                 figures[name] = {"steps_per_s": _median(rates), "x_raw_lmdb": _median(ratios)}
+            if extras is not None:
+                results.setdefault("requests", {})[engine] = extras()
         results["engines"][engine] = figures
     results["raw"]["lmdb_commits_per_s"] = _median(raw_commits)
     return results
@@ -142,6 +146,8 @@ def report(results: dict[str, Any]) -> tuple[str, bool]:
                 verdict = f">= {minimum:,g} {unit}: {'met' if met else 'MISSED'}"
             lines.append(f"{engine:<8} {workload:<9} {rate:>12,.0f} {ratio:>10.2f}x  {verdict}")
     lines.append("(x raw LMDB: each run against a raw LMDB measurement taken just before it)")
+    for engine, counts in results.get("requests", {}).items():
+        lines.append(f"{engine} requests: " + ", ".join(f"{k}={v:g}" for k, v in counts.items()))
     return "\n".join(lines), ok
 
 

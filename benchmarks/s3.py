@@ -22,7 +22,6 @@ import collections
 import logging
 import os
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -137,7 +136,8 @@ def s3_engine(workdir: Path) -> Iterator[tuple[S3Opener, RequestCounter]]:
                 os.environ[name] = value
 
 
-def _main() -> None:  # pragma: no cover - a measurement, run by hand
+def measure_requests(opener: S3Opener, counter: RequestCounter) -> dict[str, float]:
+    """Count the S3 requests of W1, W2 and a 1000-step replay (moto-independent figures)."""
     from benchmarks._workloads import (
         STEPS,
         W2_INVOCATIONS,
@@ -147,48 +147,49 @@ def _main() -> None:  # pragma: no cover - a measurement, run by hand
         w2_concurrent,
     )
 
+    # W1: 1000 sequential steps in one invocation (the client's one-off probe included).
+    backend = opener()
+    counter.reset()
+    _steps_runtime(backend, STEPS).invoke("bench.steps", None, invocation_id="w1")
+    w1 = counter.total()
+    backend.close()
+
+    # W2: 64 invocations x 10 steps from threads, one client.
+    counter.reset()
+    w2_concurrent(opener)
+    w2 = counter.total()
+
+    # W3: a 1000-step journal left pending, replayed by another client.
+    writer = opener()
+    crash = [True]
+    with suppress(_Crash):
+        _steps_runtime(writer, STEPS, crash).invoke("bench.steps", None, invocation_id="w3")
+    writer.close()
+    reader = opener.again()
+    crash[0] = False
+    counter.reset()
+    _steps_runtime(reader, STEPS, crash).invoke("bench.steps", None, invocation_id="w3")
+    replay = counter.total()
+    reader.close()
+    # Reading the now completed journal (packed into a segment) from a new client.
+    again = opener.again()
+    counter.reset()
+    entries = again.read_entries("w3")
+    read_completed = counter.total()
+    again.close()
+    assert len(entries) == STEPS
+    return {
+        "w1_requests_per_step": w1 / STEPS,
+        "w2_requests_per_step": w2 / (W2_INVOCATIONS * W2_STEPS),
+        "w3_requests_replay_1000_and_complete": replay,
+        "requests_read_completed_1000": read_completed,
+    }
+
+
+def _main() -> None:  # pragma: no cover - a measurement, run by hand
     with s3_engine(Path(".")) as (opener, counter):
-        # W1: 1000 sequential steps in one invocation.
-        backend = opener()
-        rt = _steps_runtime(backend, STEPS)
-        counter.reset()
-        start = time.perf_counter()
-        rt.invoke("bench.steps", None, invocation_id="w1")
-        w1_rate = STEPS / (time.perf_counter() - start)
-        w1 = counter.snapshot()
-        backend.close()
-        print(f"W1 {STEPS} steps: {w1_rate:,.0f} steps/s; requests {w1}")
-        print(f"   {sum(w1.values()) / STEPS:.3f} requests/step, incl. the once-per-client probe")
-
-        # W2: 64 invocations x 10 steps from threads, one client.
-        counter.reset()
-        w2_rate = w2_concurrent(opener)
-        w2 = counter.snapshot()
-        steps = W2_INVOCATIONS * W2_STEPS
-        print(f"W2 {W2_INVOCATIONS}x{W2_STEPS} steps: {w2_rate:,.0f} steps/s; requests {w2}")
-        print(f"   {sum(w2.values()) / steps:.3f} requests/step")
-
-        # W3: a 1000-step journal left pending, replayed by another client.
-        writer = opener()
-        crash = [True]
-        with suppress(_Crash):
-            _steps_runtime(writer, STEPS, crash).invoke("bench.steps", None, invocation_id="w3")
-        writer.close()
-        reader = opener.again()
-        crash[0] = False
-        counter.reset()
-        start = time.perf_counter()
-        reached = _steps_runtime(reader, STEPS, crash).invoke(
-            "bench.steps", None, invocation_id="w3"
-        )
-        replay = counter.snapshot()
-        print(
-            f"W3 replay of {STEPS} steps: {STEPS / (reached - start):,.0f} steps/s; "
-            f"requests until the last step and completion {replay}"
-        )
-        counter.reset()
-        entries = opener.again().read_entries("w3")
-        print(f"   read_entries of the completed journal ({len(entries)}): {counter.snapshot()}")
+        for name, value in measure_requests(opener, counter).items():
+            print(f"{name}: {value:g}")
 
 
 if __name__ == "__main__":
