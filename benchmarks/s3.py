@@ -7,7 +7,7 @@ fresh directory per run; ``opener.again()`` opens another client on the last
 one), and ``counter`` counts the HTTP requests of every client opened, by S3
 operation (botocore's ``before-send`` event).
 
-Run it directly for the request counts and rates of W1, W2 and W3 once::
+Run it directly for the request counts of W1, W2 and a 1000-step replay::
 
     python -m benchmarks.s3
 
@@ -18,72 +18,26 @@ production. The request counts carry over.
 
 from __future__ import annotations
 
-import collections
-import logging
-import os
-import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
-import boto3
-import botocore.config
-from moto.server import ThreadedMotoServer
-
 from backends.s3 import S3Backend
+from tests.s3_server import MotoS3, RequestCounter, running_moto
 
-__all__ = ["RequestCounter", "S3Opener", "s3_engine"]
-
-_DUMMY_ENV = {
-    "AWS_ACCESS_KEY_ID": "benchmark",
-    "AWS_SECRET_ACCESS_KEY": "benchmark",
-    "AWS_DEFAULT_REGION": "us-east-1",
-    "AWS_EC2_METADATA_DISABLED": "true",
-    "AWS_CONFIG_FILE": os.devnull,
-    "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
-}
-
-
-class RequestCounter:
-    """HTTP requests by S3 operation, over every client it is attached to."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._counts: collections.Counter[str] = collections.Counter()
-
-    def attach(self, client: Any) -> None:
-        client.meta.events.register("before-send.s3", self._count)
-
-    def _count(self, event_name: str, **_: Any) -> None:
-        operation = event_name.rsplit(".", 1)[-1]
-        with self._lock:
-            self._counts[operation] += 1
-
-    def reset(self) -> None:
-        with self._lock:
-            self._counts.clear()
-
-    def snapshot(self) -> dict[str, int]:
-        """Requests per operation since the last reset."""
-        with self._lock:
-            return dict(self._counts)
-
-    def total(self) -> int:
-        with self._lock:
-            return sum(self._counts.values())
+__all__ = ["S3Opener", "measure_requests", "s3_engine"]
 
 
 class S3Opener:
     """Opens engine clients on the benchmark bucket; each call a fresh journal."""
 
-    def __init__(self, endpoint_url: str, bucket: str, counter: RequestCounter) -> None:
-        self.endpoint_url = endpoint_url
+    def __init__(self, server: MotoS3, bucket: str, counter: RequestCounter) -> None:
+        self.server = server
         self.bucket = bucket
         self.counter = counter
         self.prefix = ""
-        self._session = boto3.session.Session()
 
     def __call__(self) -> S3Backend:
         self.prefix = f"bench-{uuid.uuid4().hex[:12]}"
@@ -91,49 +45,20 @@ class S3Opener:
 
     def again(self) -> S3Backend:
         """Another client on the journal the last call opened."""
-        client = self._session.client(
-            "s3",
-            endpoint_url=self.endpoint_url,
-            region_name="us-east-1",
-            config=botocore.config.Config(
-                retries={"total_max_attempts": 1, "mode": "standard"},
-                max_pool_connections=64,
-                request_checksum_calculation="when_required",
-                response_checksum_validation="when_required",
-            ),
-        )
-        self.counter.attach(client)
+        client: Any = self.counter.attach(self.server.client(pool=64))
         return S3Backend(client, self.bucket, self.prefix, owns_client=True)
 
 
 @contextmanager
 def s3_engine(workdir: Path) -> Iterator[tuple[S3Opener, RequestCounter]]:
-    """A moto S3 server on 127.0.0.1 with one bucket; yields ``(opener, counter)``.
+    """The tests' moto S3 server on 127.0.0.1 with one bucket; yields ``(opener, counter)``.
 
     ``workdir`` is not used: moto keeps the objects in memory.
     """
     del workdir
-    saved = {name: os.environ.get(name) for name in _DUMMY_ENV}
-    os.environ.update(_DUMMY_ENV)
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
-        bucket = f"bench-{uuid.uuid4().hex[:12]}"
-        boto3.session.Session().client(
-            "s3", endpoint_url=endpoint, region_name="us-east-1"
-        ).create_bucket(Bucket=bucket)
+    with running_moto() as server:
         counter = RequestCounter()
-        yield S3Opener(endpoint, bucket, counter), counter
-    finally:
-        server.stop()
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+        yield S3Opener(server, server.new_bucket(), counter), counter
 
 
 def measure_requests(opener: S3Opener, counter: RequestCounter) -> dict[str, float]:
@@ -151,13 +76,13 @@ def measure_requests(opener: S3Opener, counter: RequestCounter) -> dict[str, flo
     backend = opener()
     counter.reset()
     _steps_runtime(backend, STEPS).invoke("bench.steps", None, invocation_id="w1")
-    w1 = counter.total()
+    w1 = counter.total
     backend.close()
 
     # W2: 64 invocations x 10 steps from threads, one client.
     counter.reset()
     w2_concurrent(opener)
-    w2 = counter.total()
+    w2 = counter.total
 
     # W3: a 1000-step journal left pending, replayed by another client.
     writer = opener()
@@ -169,13 +94,13 @@ def measure_requests(opener: S3Opener, counter: RequestCounter) -> dict[str, flo
     crash[0] = False
     counter.reset()
     _steps_runtime(reader, STEPS, crash).invoke("bench.steps", None, invocation_id="w3")
-    replay = counter.total()
+    replay = counter.total
     reader.close()
     # Reading the now completed journal (packed into a segment) from a new client.
     again = opener.again()
     counter.reset()
     entries = again.read_entries("w3")
-    read_completed = counter.total()
+    read_completed = counter.total
     again.close()
     assert len(entries) == STEPS
     return {

@@ -88,6 +88,7 @@ class MotoS3:
         logging.getLogger("werkzeug").setLevel(logging.WARNING)
         self._server.start()
         wsgi = self._server._server  # werkzeug's server; it reads .app on every request
+        assert wsgi is not None, "ThreadedMotoServer.start() did not create its server"
         wsgi.app = _AtomicConditionalWrites(wsgi.app)
         host, port = self._server.get_host_and_port()
         self.endpoint_url = f"http://{host}:{port}"
