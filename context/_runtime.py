@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
+import random
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -62,6 +64,18 @@ class RecoveryResult:
     status: InvocationStatus
     output: Any = None
     error: BaseException | None = None
+
+
+# uuid.uuid4() reads os.urandom for every id, which releases the GIL; with many
+# threads invoking, each release can cost a thread switch. A generator seeded
+# once from os.urandom (and again in a forked child) gives ids as unique.
+_ids = random.Random()
+os.register_at_fork(after_in_child=_ids.seed)
+
+
+def _new_invocation_id() -> str:
+    """A random (version 4) UUID in hex, for invocations the caller did not name."""
+    return uuid.UUID(int=_ids.getrandbits(128), version=4).hex
 
 
 def _open_default(url: str | Mapping[str, Any] | None) -> JournalBackend:
@@ -177,7 +191,7 @@ class Runtime:
                 pending for a later ``invoke`` or :meth:`recover`.
         """
         spec = self._spec(handler)
-        inv_id = invocation_id if invocation_id is not None else uuid.uuid4().hex
+        inv_id = invocation_id if invocation_id is not None else _new_invocation_id()
         try:
             input_bytes = spec.codec.encode(input)
         except Exception as exc:

@@ -217,3 +217,23 @@ def test_two_workers_racing_record_exactly_one_value_per_index() -> None:
     rt = Runtime(MemoryBackend(store))
     rt.handler("race")(lambda ctx, _: ctx.run(lambda: -1, name="pick") * 100)
     assert rt.invoke("race", None, invocation_id="shared") == winners[0]
+
+
+def _child_id(queue: Any) -> None:
+    from context._runtime import _new_invocation_id
+
+    queue.put(_new_invocation_id())
+
+
+def test_generated_ids_differ_between_a_process_and_its_forked_child() -> None:
+    import multiprocessing
+
+    from context._runtime import _new_invocation_id
+
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_child_id, args=(queue,))
+    child.start()
+    child.join(30)
+    # Without reseeding after fork, the child's next id would be the parent's next id.
+    assert queue.get(timeout=5) != _new_invocation_id()
