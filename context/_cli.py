@@ -130,13 +130,15 @@ def _play(journal: str, ledger: Path) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="runjournal", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="runjournal", description="Durable side effects for Python services."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
     p_demo = sub.add_parser(
         "demo", help="crash an order handler in one process, finish it in another"
     )
     p_demo.add_argument("--journal", help="journal URL (default: LMDB in a new temp directory)")
-    p_worker = sub.add_parser("demo-worker", help=argparse.SUPPRESS)
+    p_worker = sub.add_parser("demo-worker")  # one process of the demo; not listed
     p_worker.add_argument("journal")
     p_worker.add_argument("ledger", type=Path)
     p_worker.add_argument("--crash", action="store_true")
