@@ -22,7 +22,7 @@ import re
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from typing import Any, Final, TypeVar, cast
+from typing import Any, Final, TypeVar
 from urllib.parse import urlsplit
 
 import attrs
@@ -141,36 +141,18 @@ class _ResizeGate:
                 self._cond.notify_all()
 
 
-View = Callable[[bytes], bytes | None]
-Writes = list[tuple[bytes, bytes | None]]
-
-
 class _Op:
-    """One queued write.
-
-    A plain op names the keys it ``reads`` and an ``apply(view)`` that returns
-    its result and the writes to make (a value of None deletes), computed only
-    from what it read: a whole batch of such ops then costs one ``getmulti``
-    and one ``putmulti``, because py-lmdb gives up the GIL on every call and
-    each call can cost a thread switch under load. A ``raw`` op instead gets
-    the transaction itself (for range scans).
+    """One queued write: ``fn`` runs inside the batch's write transaction.
 
     ``wake`` is held from birth; the committer releases it once the op is
     done, or once it hands the op's thread the lead (``lead``), so each
     waiting writer is woken exactly once.
     """
 
-    __slots__ = ("apply", "error", "lead", "raw", "reads", "result", "wake")
+    __slots__ = ("error", "fn", "lead", "result", "wake")
 
-    def __init__(
-        self,
-        reads: tuple[bytes, ...],
-        apply: Callable[[View], tuple[Any, Writes]] | None = None,
-        raw: Callable[[lmdb.Transaction], Any] | None = None,
-    ) -> None:
-        self.reads = reads
-        self.apply = apply
-        self.raw = raw
+    def __init__(self, fn: Callable[[lmdb.Transaction], Any]) -> None:
+        self.fn = fn
         self.result: Any = None
         self.error: BaseException | None = None
         self.lead = False
@@ -298,57 +280,18 @@ class _Environment:
         try:
             txn = self.env.begin(write=True)
             try:
-                plain: list[_Op] = []
                 for op in batch:
-                    if op.raw is None:
-                        plain.append(op)
-                        continue
-                    self._apply(txn, plain)
-                    plain = []
                     try:
-                        op.result, op.error = op.raw(txn), None
+                        op.result, op.error = op.fn(txn), None
                     except JournalError as exc:
+                        # Ops check before they write, so a refused op wrote nothing.
                         op.result, op.error = None, exc
-                self._apply(txn, plain)
                 txn.commit()
             except BaseException:
                 txn.abort()
                 raise
         finally:
             self.gate.exit()
-
-    @staticmethod
-    def _apply(txn: lmdb.Transaction, ops: list[_Op]) -> None:
-        """Apply plain ops in order; each sees the writes of those before it.
-
-        This transaction holds LMDB's writer lock (across processes), so what
-        ``getmulti`` reads stays current until the commit, and a create-only
-        decision made here cannot race.
-        """
-        if not ops:
-            return
-        cursor = txn.cursor()
-        # Not a buffers=True transaction, so keys and values come back as bytes.
-        pairs = cursor.getmulti([key for op in ops for key in op.reads])
-        found: dict[bytes, bytes | None] = dict(cast("list[tuple[bytes, bytes]]", pairs))
-        written: dict[bytes, bytes | None] = {}
-        for op in ops:
-            assert op.apply is not None
-            try:
-                op.result, writes = op.apply(found.get)
-            except JournalError as exc:
-                # Ops decide before they write, so a refused op wrote nothing.
-                op.result, op.error = None, exc
-                continue
-            op.error = None
-            for key, value in writes:
-                found[key] = written[key] = value
-        puts = [(k, v) for k, v in written.items() if v is not None]
-        if puts:
-            cursor.putmulti(puts)
-        for key, value in written.items():
-            if value is None:
-                txn.delete(key)
 
     def _grow(self) -> None:
         size = self.env.info()["map_size"]
@@ -610,29 +553,31 @@ class LMDBBackend:
             )
         return inv
 
+    def _load(self, txn: lmdb.Transaction, invocation_id: str, key: bytes) -> Invocation | None:
+        data = txn.get(key)
+        return self._decode_invocation(None if data is None else bytes(data), invocation_id)
+
     def create_invocation(self, invocation: Invocation) -> tuple[Invocation, bool]:
         env = self._env()
         stored = attrs.evolve(invocation, version=1)
+        data = encode_invocation(stored)
         digest = _digest(invocation.id)
         key = _invocation_key(digest)
-        writes: Writes = [
-            (key, encode_invocation(stored)),
-            (_STATUS_PREFIX[stored.status] + digest, invocation.id.encode("utf-8")),
-        ]
 
-        def apply(view: View) -> tuple[tuple[Invocation, bool], Writes]:
-            existing = self._decode_invocation(view(key), invocation.id)
+        def create(txn: lmdb.Transaction) -> tuple[Invocation, bool]:
+            existing = self._load(txn, invocation.id, key)
             if existing is not None:
-                return (existing, False), []
-            return (stored, True), writes
+                return existing, False
+            txn.put(key, data)
+            txn.put(_STATUS_PREFIX[stored.status] + digest, invocation.id.encode("utf-8"))
+            return stored, True
 
-        return env.write(_Op((key,), apply))  # type: ignore[no-any-return]
+        return env.write(_Op(create))  # type: ignore[no-any-return]
 
     def get_invocation(self, invocation_id: str) -> Invocation | None:
         env = self._env()
         key = _invocation_key(_digest(invocation_id))
-        data = env.read(lambda txn: txn.get(key))
-        return self._decode_invocation(None if data is None else bytes(data), invocation_id)
+        return env.read(lambda txn: self._load(txn, invocation_id, key))
 
     def update_invocation(self, invocation: Invocation) -> Invocation:
         env = self._env()
@@ -640,21 +585,20 @@ class LMDBBackend:
         data = encode_invocation(stored)
         digest = _digest(invocation.id)
         key = _invocation_key(digest)
-        id_bytes = invocation.id.encode("utf-8")
 
-        def apply(view: View) -> tuple[Invocation, Writes]:
-            current = self._decode_invocation(view(key), invocation.id)
+        def update(txn: lmdb.Transaction) -> Invocation:
+            current = self._load(txn, invocation.id, key)
             if current is None:
                 raise InvocationNotFound(invocation.id)
             if current.version != invocation.version:
                 raise VersionConflict(invocation.id, invocation.version, current.version)
-            writes: Writes = [(key, data)]
+            txn.put(key, data)
             if current.status is not stored.status:
-                writes.append((_STATUS_PREFIX[current.status] + digest, None))
-                writes.append((_STATUS_PREFIX[stored.status] + digest, id_bytes))
-            return stored, writes
+                txn.delete(_STATUS_PREFIX[current.status] + digest)
+                txn.put(_STATUS_PREFIX[stored.status] + digest, invocation.id.encode("utf-8"))
+            return stored
 
-        return env.write(_Op((key,), apply))  # type: ignore[no-any-return]
+        return env.write(_Op(update))  # type: ignore[no-any-return]
 
     def read_entries(self, invocation_id: str, start: int = 0) -> list[Entry]:
         env = self._env()
@@ -678,16 +622,16 @@ class LMDBBackend:
         digest = _digest(invocation_id)
         invocation_key = _invocation_key(digest)
         key = _entry_key(digest, entry.index)
-        writes: Writes = [(key, encode_entry(entry))]
+        data = encode_entry(entry)
 
-        def apply(view: View) -> tuple[None, Writes]:
-            if view(invocation_key) is None:
+        def append(txn: lmdb.Transaction) -> None:
+            # Both checks run under LMDB's writer lock, which spans processes.
+            if txn.get(invocation_key) is None:
                 raise InvocationNotFound(invocation_id)
-            if view(key) is not None:
+            if not txn.put(key, data, overwrite=False):
                 raise EntryConflict(invocation_id, entry.index)
-            return None, writes
 
-        env.write(_Op((invocation_key, key), apply))
+        env.write(_Op(append))
 
     def list_invocations(self, status: InvocationStatus | None = None) -> Iterator[str]:
         env = self._env()
@@ -715,8 +659,7 @@ class LMDBBackend:
         digest = _digest(invocation_id)
 
         def delete(txn: lmdb.Transaction) -> bool:
-            data = txn.get(_invocation_key(digest))
-            current = self._decode_invocation(None if data is None else bytes(data), invocation_id)
+            current = self._load(txn, invocation_id, _invocation_key(digest))
             if current is None:
                 return False
             cursor = txn.cursor()
@@ -729,7 +672,7 @@ class LMDBBackend:
             txn.delete(_invocation_key(digest))
             return True
 
-        return env.write(_Op((), raw=delete))  # type: ignore[no-any-return]
+        return env.write(_Op(delete))  # type: ignore[no-any-return]
 
     def close(self) -> None:
         """Release this client; the environment closes with its last client."""
