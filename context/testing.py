@@ -30,6 +30,7 @@ durable stays durable.
 
 from __future__ import annotations
 
+import functools
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -372,22 +373,4 @@ def runjournal_backend(runjournal_runtime: Runtime) -> JournalBackend:
 @pytest.fixture
 def runjournal_crash(runjournal_runtime: Runtime) -> CrashHelper:
     """:func:`crash_and_rerun` bound to ``runjournal_runtime``."""
-
-    def crash(
-        handler: str | Callable[..., Any],
-        input: Any = None,
-        *,
-        step: int | str,
-        lose_entry: bool = False,
-        invocation_id: str | None = None,
-    ) -> CrashReport:
-        return crash_and_rerun(
-            runjournal_runtime,
-            handler,
-            input,
-            step=step,
-            lose_entry=lose_entry,
-            invocation_id=invocation_id,
-        )
-
-    return crash
+    return functools.partial(crash_and_rerun, runjournal_runtime)

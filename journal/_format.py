@@ -194,7 +194,7 @@ def decode_entry(data: bytes) -> Entry:
         name,
         payload,
         codec,
-        None if failure is None else _decode_failure(failure),
+        _decode_failure(failure),
         _number(created_at, "created_at"),
         attempts,
     )
