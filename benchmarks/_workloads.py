@@ -12,8 +12,8 @@ from typing import Any
 
 import lmdb
 
-from context import Context, Runtime
-from journal import JournalBackend
+from runjournal.context import Context, Runtime
+from runjournal.journal import JournalBackend
 
 STEPS = 1000
 W2_INVOCATIONS = 64

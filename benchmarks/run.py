@@ -21,8 +21,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from backends import MemoryBackend
-from backends.lmdb import LMDBBackend
 from benchmarks._workloads import (
     Opener,
     raw_fsync,
@@ -31,7 +29,9 @@ from benchmarks._workloads import (
     w2_concurrent,
     w3_replay,
 )
-from context import set_testing
+from runjournal.backends import MemoryBackend
+from runjournal.backends.lmdb import LMDBBackend
+from runjournal.context import set_testing
 
 WORKLOADS: dict[str, Callable[[Opener], float]] = {
     "W1": w1_sequential,

@@ -1,7 +1,7 @@
 """The S3 engine for the benchmark suite, against a moto server on 127.0.0.1.
 
 ``s3_engine(workdir)`` starts the server, creates a bucket and yields
-``(opener, counter)``: ``opener()`` opens a new :class:`backends.s3.S3Backend`
+``(opener, counter)``: ``opener()`` opens a new :class:`runjournal.backends.s3.S3Backend`
 client on a journal of its own (a fresh prefix, as the LMDB engine gets a
 fresh directory per run; ``opener.again()`` opens another client on the last
 one), and ``counter`` counts the HTTP requests of every client opened, by S3
@@ -24,7 +24,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
-from backends.s3 import S3Backend
+from runjournal.backends.s3 import S3Backend
 from tests.s3_server import MotoS3, RequestCounter, running_moto
 
 __all__ = ["S3Opener", "measure_requests", "s3_engine"]

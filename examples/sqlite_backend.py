@@ -1,10 +1,10 @@
 """A runjournal engine on SQLite, the worked example of docs/writing-a-backend.md.
 
 Only the standard library's :mod:`sqlite3` and runjournal's :mod:`journal`
-package. It passes ``journal.testing.JournalBackendTests`` (see
+package. It passes ``runjournal.journal.testing.JournalBackendTests`` (see
 ``tests/test_example_sqlite.py``). Use it with::
 
-    from backends import open_backend, register_backend
+    from runjournal.backends import open_backend, register_backend
 
     register_backend("sqlite", "sqlite_backend:SQLiteBackend")
     journal = open_backend("sqlite:///var/lib/shop/journal.db?timeout=10")
@@ -24,7 +24,7 @@ How it keeps the protocol's promises:
   connection must not be used by two threads at once), so a client is
   thread-safe; several clients and processes share the file through
   SQLite's own locking;
-- records are kept in the shared runjournal format (``journal.encode_entry``
+- records are kept in the shared runjournal format (``runjournal.journal.encode_entry``
   and friends), so damaged bytes surface as ``JournalCorrupt``;
 - every ``sqlite3`` error is mapped onto a ``journal`` error in one place,
   :func:`map_sqlite_errors`.
@@ -41,7 +41,7 @@ from urllib.parse import unquote, urlsplit
 
 import attrs
 
-from journal import (
+from runjournal.journal import (
     BackendUnavailable,
     Capabilities,
     Entry,
@@ -120,7 +120,7 @@ class SQLiteBackend:
     Args:
         path: the database file; created with its parent directories.
         timeout: how long a writer waits for another's lock, in seconds,
-            before :class:`journal.TransientError`.
+            before :class:`runjournal.journal.TransientError`.
         synchronous: SQLite's ``PRAGMA synchronous`` (``FULL`` by default, so
             a write is durable when the call returns).
     """

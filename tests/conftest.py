@@ -9,8 +9,8 @@ from typing import Any
 import attrs
 import pytest
 
-from backends import MemoryBackend
-from context import Runtime
+from runjournal.backends import MemoryBackend
+from runjournal.context import Runtime
 
 
 @attrs.define
@@ -61,7 +61,7 @@ def bucket(moto: Any) -> str:
 @pytest.fixture
 def new_s3_backend(moto: Any, bucket: str) -> Iterator[Callable[[], Any]]:
     """Opens S3 engine clients, each on a fresh prefix of the session's bucket."""
-    from backends.s3 import S3Backend
+    from runjournal.backends.s3 import S3Backend
 
     opened: list[Any] = []
 

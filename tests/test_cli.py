@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_demo_crashes_a_process_and_ships_exactly_once(tmp_path: Path) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "context._cli", "demo", "--journal", f"lmdb://{tmp_path}/j"],
+        [sys.executable, "-m", "runjournal", "demo", "--journal", f"lmdb://{tmp_path}/j"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -28,7 +28,7 @@ def test_demo_crashes_a_process_and_ships_exactly_once(tmp_path: Path) -> None:
 
 def test_demo_refuses_a_journal_that_already_has_the_order(tmp_path: Path) -> None:
     url = f"lmdb://{tmp_path}/j"
-    command = [sys.executable, "-m", "context._cli", "demo", "--journal", url]
+    command = [sys.executable, "-m", "runjournal", "demo", "--journal", url]
     assert subprocess.run(command, cwd=ROOT, capture_output=True, check=False).returncode == 0
     again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
     assert again.returncode == 2

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from journal import Codec, CodecError, JSONCodec, MsgpackCodec
+from runjournal.journal import Codec, CodecError, JSONCodec, MsgpackCodec
 
 json_values = st.recursive(
     st.none()

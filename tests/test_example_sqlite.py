@@ -16,11 +16,11 @@ from typing import Any
 
 import pytest
 
-from backends import _registry, open_backend, register_backend
-from context import Context, Runtime
-from context.testing import crash_and_rerun
-from journal import BackendUnavailable, JournalBackend, JournalCorrupt, TransientError
-from journal.testing import JournalBackendTests, Opener, make_entry, make_invocation
+from runjournal.backends import _registry, open_backend, register_backend
+from runjournal.context import Context, Runtime
+from runjournal.context.testing import crash_and_rerun
+from runjournal.journal import BackendUnavailable, JournalBackend, JournalCorrupt, TransientError
+from runjournal.journal.testing import JournalBackendTests, Opener, make_entry, make_invocation
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "sqlite_backend.py"
 

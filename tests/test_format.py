@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from journal import (
+from runjournal.journal import (
     Entry,
     EntryKind,
     Failure,
@@ -21,7 +21,7 @@ from journal import (
     encode_entry,
     encode_invocation,
 )
-from journal._format import _CRC, MAGIC
+from runjournal.journal._format import _CRC, MAGIC
 
 texts = st.text(max_size=40)
 failures = st.none() | st.builds(Failure, texts, texts)

@@ -21,8 +21,8 @@ from typing import Any, TypeVar
 import attrs
 import pytest
 
-from backends import MemoryBackend, open_backend
-from context import (
+from runjournal.backends import MemoryBackend, open_backend
+from runjournal.context import (
     Context,
     ContextMisuseError,
     NonDeterminismError,
@@ -30,7 +30,7 @@ from context import (
     Runtime,
     TerminalError,
 )
-from journal import (
+from runjournal.journal import (
     CodecError,
     Entry,
     EntryConflict,
@@ -52,7 +52,9 @@ def _memory(path: Path) -> JournalBackend:
 
 
 def _lmdb(path: Path) -> JournalBackend:
-    pytest.importorskip("backends.lmdb", reason="backends.lmdb is not available")
+    pytest.importorskip(
+        "runjournal.backends.lmdb", reason="runjournal.backends.lmdb is not available"
+    )
     return open_backend(f"lmdb://{path}")
 
 

@@ -8,15 +8,15 @@ from typing import Any
 
 import pytest
 
-from backends import MemoryBackend, MemoryStore
-from context import (
+from runjournal.backends import MemoryBackend, MemoryStore
+from runjournal.context import (
     Context,
     HandlerNotFound,
     InvocationMismatch,
     Runtime,
     TerminalError,
 )
-from journal import EntryConflict, InvocationStatus, JSONCodec, MsgpackCodec
+from runjournal.journal import EntryConflict, InvocationStatus, JSONCodec, MsgpackCodec
 from tests.conftest import FakeClock
 
 calls: Counter[str] = Counter()
@@ -160,7 +160,7 @@ def test_unknown_handler_and_bad_input_are_clear(rt: Runtime) -> None:
     with pytest.raises(HandlerNotFound, match="no handler 'nope'"):
         rt.invoke("nope")
     rt.handler("h")(lambda ctx, x: x)
-    from journal import CodecError
+    from runjournal.journal import CodecError
 
     with pytest.raises(CodecError, match="cannot encode the input"):
         rt.invoke("h", object())
@@ -220,7 +220,7 @@ def test_two_workers_racing_record_exactly_one_value_per_index() -> None:
 
 
 def _child_id(queue: Any) -> None:
-    from context._runtime import _new_invocation_id
+    from runjournal.context._runtime import _new_invocation_id
 
     queue.put(_new_invocation_id())
 
@@ -228,7 +228,7 @@ def _child_id(queue: Any) -> None:
 def test_generated_ids_differ_between_a_process_and_its_forked_child() -> None:
     import multiprocessing
 
-    from context._runtime import _new_invocation_id
+    from runjournal.context._runtime import _new_invocation_id
 
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()

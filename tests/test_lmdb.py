@@ -16,16 +16,16 @@ from typing import Any
 import lmdb
 import pytest
 
-from backends import open_backend
-from backends.lmdb import LMDBBackend, _digest, _entry_key, _invocation_key
-from context import Context, Runtime
-from journal import (
+from runjournal.backends import open_backend
+from runjournal.backends.lmdb import LMDBBackend, _digest, _entry_key, _invocation_key
+from runjournal.context import Context, Runtime
+from runjournal.journal import (
     BackendUnavailable,
     EntryConflict,
     InvocationStatus,
     JournalBackend,
 )
-from journal.testing import JournalBackendTests, Opener, make_entry, make_invocation
+from runjournal.journal.testing import JournalBackendTests, Opener, make_entry, make_invocation
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -330,9 +330,9 @@ def test_a_forked_child_opens_its_own_environment(tmp_path: Path) -> None:
 
 RACER = """
 import sys, time
-from backends.lmdb import LMDBBackend
-from journal import EntryConflict
-from journal.testing import make_entry
+from runjournal.backends.lmdb import LMDBBackend
+from runjournal.journal import EntryConflict
+from runjournal.journal.testing import make_entry
 path, who, start = sys.argv[1], sys.argv[2], float(sys.argv[3])
 backend = LMDBBackend.open(path)
 while time.time() < start:
@@ -373,7 +373,7 @@ def test_two_processes_race_on_one_journal(tmp_path: Path) -> None:
 
 WORKER = """
 import os, sys
-from context import Context, Runtime
+from runjournal.context import Context, Runtime
 path, effects, crash_after = sys.argv[1], sys.argv[2], int(sys.argv[3])
 rt = Runtime(f"lmdb://{path}")
 
@@ -441,8 +441,8 @@ def test_runtime_defaults_to_lmdb_in_the_working_directory(
 
 GROWER = """
 import os, sys
-from backends.lmdb import LMDBBackend
-from journal.testing import make_entry, make_invocation
+from runjournal.backends.lmdb import LMDBBackend
+from runjournal.journal.testing import make_entry, make_invocation
 backend = LMDBBackend.open(sys.argv[1], map_size=64 << 10)
 backend.create_invocation(make_invocation("grown"))
 for index in range(300):

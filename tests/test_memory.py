@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from backends import MemoryBackend, MemoryStore, open_backend
-from journal import JournalBackend
-from journal.testing import JournalBackendTests, Opener
+from runjournal.backends import MemoryBackend, MemoryStore, open_backend
+from runjournal.journal import JournalBackend
+from runjournal.journal.testing import JournalBackendTests, Opener
 
 
 def _flip_last_byte(data: bytes) -> bytes:

@@ -1,4 +1,4 @@
-"""The pytest plugin (context.testing): fixtures and simulated crashes, as users see them."""
+"""The pytest plugin (runjournal._pytest_plugin): fixtures and simulated crashes, as users see them."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from backends import MemoryBackend, MemoryStore
-from context import Context, Runtime, is_testing, set_testing
-from context.testing import CrashingBackend, SimulatedCrash, crash_and_rerun
-from journal import JournalBackend
-from journal.testing import JournalBackendTests, Opener, make_entry, make_invocation
+from runjournal.backends import MemoryBackend, MemoryStore
+from runjournal.context import Context, Runtime, is_testing, set_testing
+from runjournal.context.testing import CrashingBackend, SimulatedCrash, crash_and_rerun
+from runjournal.journal import JournalBackend
+from runjournal.journal.testing import JournalBackendTests, Opener, make_entry, make_invocation
 
 pytest_plugins = ["pytester"]
 
@@ -31,9 +31,9 @@ import time
 
 import pytest
 
-from backends import MemoryBackend
-from context import TerminalError, is_testing
-from context.testing import CrashReport, SimulatedCrash
+from runjournal.backends import MemoryBackend
+from runjournal.context import TerminalError, is_testing
+from runjournal.context.testing import CrashReport, SimulatedCrash
 
 calls = []
 
@@ -145,7 +145,7 @@ def test_the_plugin_is_loaded_by_its_entry_point(pytester: pytest.Pytester) -> N
         """
         def test_registered(request):
             plugin = request.config.pluginmanager.get_plugin("runjournal")
-            assert plugin is not None and plugin.__name__ == "context.testing"
+            assert plugin is not None and plugin.__name__ == "runjournal._pytest_plugin"
         """
     )
     pytester.runpytest("-p", "no:cacheprovider").assert_outcomes(passed=1)

@@ -17,8 +17,8 @@ from typing import Any, ClassVar
 
 import pytest
 
-import backends
-from backends import (
+import runjournal.backends as backends
+from runjournal.backends import (
     DEFAULT_URL,
     ENTRY_POINT_GROUP,
     MemoryBackend,
@@ -27,8 +27,8 @@ from backends import (
     open_backend,
     register_backend,
 )
-from context import Runtime
-from journal import JournalBackend
+from runjournal.context import Runtime
+from runjournal.journal import JournalBackend
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -93,8 +93,8 @@ def test_importing_backends_loads_no_engine_sdk_and_reads_no_entry_points() -> N
             return real(**kw)
         importlib.metadata.entry_points = counting
 
-        import backends
-        import context
+        import runjournal.backends as backends
+        import runjournal.context as context
         heavy = sorted(m for m in ("lmdb", "boto3", "botocore") if m in sys.modules)
         print("after import:", heavy, len(reads))
         backends.open_backend("memory://").close()
@@ -211,7 +211,7 @@ def test_register_a_dotted_path_imports_it_on_first_open(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     (tmp_path / "rj_lazy_engine.py").write_text(
-        "from backends import MemoryBackend\n"
+        "from runjournal.backends import MemoryBackend\n"
         "class Outer:\n"
         "    class Engine(MemoryBackend):\n"
         "        @classmethod\n"
@@ -254,8 +254,10 @@ def test_registering_something_that_is_not_an_engine_is_refused() -> None:
 
 
 def test_a_dotted_path_to_a_missing_attribute_says_so(tmp_path: Path) -> None:
-    register_backend("ghost", "backends._memory:GhostBackend")
-    with pytest.raises(ImportError, match=r"'backends._memory' has no attribute 'GhostBackend'"):
+    register_backend("ghost", "runjournal.backends._memory:GhostBackend")
+    with pytest.raises(
+        ImportError, match=r"'runjournal.backends._memory' has no attribute 'GhostBackend'"
+    ):
         open_backend("ghost://")
 
 
@@ -310,7 +312,7 @@ def test_a_builtin_whose_sdk_is_missing_says_which_extra_to_install(
 def test_a_builtin_failing_on_its_own_code_is_not_blamed_on_the_extra(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    _fake_builtin(monkeypatch, tmp_path, "from journal import NoSuchName\n")
+    _fake_builtin(monkeypatch, tmp_path, "from runjournal.journal import NoSuchName\n")
     with pytest.raises(ImportError, match="cannot import the fake:// engine") as info:
         open_backend("fake://x")
     assert "pip install" not in str(info.value)
@@ -332,7 +334,7 @@ for name in list(sys.modules):
     if name.partition(".")[0] == {sdk!r}:
         del sys.modules[name]
 
-import backends
+import runjournal.backends as backends
 try:
     backends.open_backend({url!r})
 except ImportError as exc:
@@ -349,7 +351,7 @@ else:
 def test_the_builtin_engines_name_their_extra_when_the_sdk_is_missing(
     scheme: str, url: str, sdk: str
 ) -> None:
-    if importlib.util.find_spec(f"backends.{scheme}") is None:
+    if importlib.util.find_spec(f"runjournal.backends.{scheme}") is None:
         pytest.skip(f"backends/{scheme}.py is not in this tree yet")
     result = run_python(_BLOCK_SDK.format(sdk=sdk, url=url))
     assert result.returncode == 0, result.stderr
@@ -381,7 +383,7 @@ def test_entry_points_are_read_once_and_only_for_an_unknown_scheme(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     (tmp_path / "rj_ep_engine.py").write_text(
-        "from backends import MemoryBackend\n"
+        "from runjournal.backends import MemoryBackend\n"
         "class Engine(MemoryBackend):\n"
         "    @classmethod\n"
         "    def from_url(cls, url):\n"
@@ -472,7 +474,7 @@ def test_an_engine_installed_with_an_entry_point_is_found_by_url(
         {
             "rj_toy_engine.py": textwrap.dedent(
                 """
-                from backends import MemoryBackend
+                from runjournal.backends import MemoryBackend
 
                 class ToyBackend(MemoryBackend):
                     opened_with = None

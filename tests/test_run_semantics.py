@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from backends import MemoryBackend
-from context import (
+from runjournal.backends import MemoryBackend
+from runjournal.context import (
     Context,
     ContextMisuseError,
     NonDeterminismError,
@@ -19,7 +19,7 @@ from context import (
     TerminalError,
     set_testing,
 )
-from journal import CodecError, EntryKind, InvocationStatus, MsgpackCodec
+from runjournal.journal import CodecError, EntryKind, InvocationStatus, MsgpackCodec
 from tests.conftest import FakeClock
 
 

@@ -23,10 +23,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from backends import open_backend
-from backends.s3 import MAX_PREFIX_BYTES, S3Backend, decode_id, encode_id
-from context import Context, Runtime
-from journal import (
+from runjournal.backends import open_backend
+from runjournal.backends.s3 import MAX_PREFIX_BYTES, S3Backend, decode_id, encode_id
+from runjournal.context import Context, Runtime
+from runjournal.journal import (
     BackendUnavailable,
     EntryConflict,
     InvocationStatus,
@@ -36,7 +36,13 @@ from journal import (
     TransientError,
     VersionConflict,
 )
-from journal.testing import AWKWARD_IDS, JournalBackendTests, Opener, make_entry, make_invocation
+from runjournal.journal.testing import (
+    AWKWARD_IDS,
+    JournalBackendTests,
+    Opener,
+    make_entry,
+    make_invocation,
+)
 from tests.s3_server import (
     Faults,
     MotoS3,
@@ -363,8 +369,8 @@ def test_a_journal_deleted_and_created_again_elsewhere_is_read_afresh(opener: Op
 
 CRASHY_WORKER = """
 import json, os, sys
-from backends.s3 import S3Backend
-from context import Context, Runtime
+from runjournal.backends.s3 import S3Backend
+from runjournal.context import Context, Runtime
 
 bucket, prefix, endpoint, effects, crash_at, mode = sys.argv[1:]
 backend = S3Backend.from_url(

@@ -1,11 +1,11 @@
 """Journal engines (memory, lmdb, s3) and the registry that opens them by URL.
 
-Importing this package imports no engine SDK; ``backends.lmdb`` and
-``backends.s3`` load theirs when first used.
+Importing this package imports no engine SDK; ``runjournal.backends.lmdb`` and
+``runjournal.backends.s3`` load theirs when first used.
 """
 
-from backends._memory import MemoryBackend, MemoryStore
-from backends._registry import (
+from runjournal.backends._memory import MemoryBackend, MemoryStore
+from runjournal.backends._registry import (
     DEFAULT_URL,
     ENTRY_POINT_GROUP,
     ENV_VAR,

@@ -20,8 +20,8 @@ from concurrent.futures import CancelledError, Executor
 from concurrent.futures import Future as _ExecutorFuture
 from typing import Any, Generic, TypeVar
 
-from context._errors import ContextMisuseError
-from journal import Entry, EntryKind, JournalCorrupt
+from runjournal.context._errors import ContextMisuseError
+from runjournal.journal import Entry, EntryKind, JournalCorrupt
 
 __all__ = [
     "FutureGroup",

@@ -1,8 +1,8 @@
 """The storage-facing core of runjournal: records, the backend protocol, the
 record format, codecs and errors. Imports nothing else of runjournal's."""
 
-from journal._codec import Codec, JSONCodec, MsgpackCodec
-from journal._errors import (
+from runjournal.journal._codec import Codec, JSONCodec, MsgpackCodec
+from runjournal.journal._errors import (
     BackendUnavailable,
     CodecError,
     ConflictError,
@@ -13,15 +13,15 @@ from journal._errors import (
     TransientError,
     VersionConflict,
 )
-from journal._format import (
+from runjournal.journal._format import (
     FORMAT_VERSION,
     decode_entry,
     decode_invocation,
     encode_entry,
     encode_invocation,
 )
-from journal._protocol import Capabilities, JournalBackend
-from journal._records import Entry, EntryKind, Failure, Invocation, InvocationStatus
+from runjournal.journal._protocol import Capabilities, JournalBackend
+from runjournal.journal._records import Entry, EntryKind, Failure, Invocation, InvocationStatus
 
 __all__ = [
     "FORMAT_VERSION",

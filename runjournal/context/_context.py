@@ -9,14 +9,14 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from context._cursor import ReplayCursor, describe
-from context._errors import (
+from runjournal.context._cursor import ReplayCursor, describe
+from runjournal.context._errors import (
     ContextMisuseError,
     NonDeterminismError,
     failure_of,
     terminal_from,
 )
-from context._futures import (
+from runjournal.context._futures import (
     FutureGroup,
     RunFuture,
     decision_entry,
@@ -24,12 +24,12 @@ from context._futures import (
     read_decision,
     unretrieved_message,
 )
-from context._options import RunOptions, resolve_options
-from context._retry import Clock, Failed, RetryHook, Succeeded, call_with_retry
-from journal import CodecError, Entry, EntryKind
+from runjournal.context._options import RunOptions, resolve_options
+from runjournal.context._retry import Clock, Failed, RetryHook, Succeeded, call_with_retry
+from runjournal.journal import CodecError, Entry, EntryKind
 
 if TYPE_CHECKING:
-    from journal import Codec
+    from runjournal.journal import Codec
 
 __all__ = ["Context"]
 

@@ -7,7 +7,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import msgpack
 
-from journal._errors import CodecError
+from runjournal.journal._errors import CodecError
 
 __all__ = ["Codec", "JSONCodec", "MsgpackCodec"]
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable
 
-from context._errors import NonDeterminismError
-from journal import Entry, EntryKind, JournalBackend
+from runjournal.context._errors import NonDeterminismError
+from runjournal.journal import Entry, EntryKind, JournalBackend
 
 __all__ = ["ReplayCursor", "describe"]
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import attrs
 
-from journal import Codec, JSONCodec
+from runjournal.journal import Codec, JSONCodec
 
 __all__ = ["Duration", "RunOptions", "resolve_options"]
 

@@ -1,6 +1,6 @@
-"""The ``runjournal`` command.
+"""The demo: ``runjournal demo``.
 
-``runjournal demo`` plays the seed's order story for real: a worker process
+It plays the seed's order story for real: a worker process
 logs the order, schedules a shipment through a flaky API (retried), and is
 killed right after; a second process resumes the invocation from the journal,
 and the shipment is not scheduled again.
@@ -8,21 +8,17 @@ and the shipment is not scheduled again.
 
 from __future__ import annotations
 
-import argparse
-import logging
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from context._context import Context
-from context._runtime import Runtime
+from runjournal.context import Context, Runtime
 
-__all__ = ["main"]
+__all__ = ["demo", "worker"]
 
 ORDER = {"id": 42, "email": "ada@example.com", "items": ["tea", "scones"]}
 INVOCATION = "order-42"
@@ -104,7 +100,7 @@ def _play(journal: str, ledger: Path) -> int:
             return 2
 
     def run_worker(*extra: str) -> int:
-        command = [sys.executable, "-m", "context._cli", "demo-worker", journal, str(ledger)]
+        command = [sys.executable, "-m", "runjournal", "demo-worker", journal, str(ledger)]
         return subprocess.run([*command, *extra], check=False).returncode
 
     print("process 1 starts order-42:")
@@ -127,31 +123,3 @@ def _play(journal: str, ledger: Path) -> int:
         f"{status.value if status else 'missing'}"
     )
     return 0 if ok else 1
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="runjournal", description="Durable side effects for Python services."
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
-    p_demo = sub.add_parser(
-        "demo", help="crash an order handler in one process, finish it in another"
-    )
-    p_demo.add_argument("--journal", help="journal URL (default: LMDB in a new temp directory)")
-    p_worker = sub.add_parser("demo-worker")  # one process of the demo; not listed
-    p_worker.add_argument("journal")
-    p_worker.add_argument("ledger", type=Path)
-    p_worker.add_argument("--crash", action="store_true")
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.WARNING,
-        format=f"  [pid {os.getpid()}] %(levelname)s %(message)s",
-        stream=sys.stdout,
-    )
-    if args.command == "demo":
-        return demo(args.journal)
-    return worker(args.journal, args.ledger, args.crash)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from journal import Failure
+from runjournal.journal import Failure
 
 __all__ = [
     "ContextMisuseError",

@@ -5,7 +5,7 @@ fixture, ``open_backend``, returning a callable that opens a *new client* on
 one fresh store each time it is called (two calls = two clients of the same
 journal, as two workers would have)::
 
-    from journal.testing import JournalBackendTests
+    from runjournal.journal.testing import JournalBackendTests
 
     class TestMyEngine(JournalBackendTests):
         @pytest.fixture
@@ -33,7 +33,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, rule, run_state_machine_as_test
 
-from journal._errors import (
+from runjournal.journal._errors import (
     BackendUnavailable,
     EntryConflict,
     InvocationNotFound,
@@ -41,8 +41,8 @@ from journal._errors import (
     JournalError,
     VersionConflict,
 )
-from journal._protocol import Capabilities, JournalBackend
-from journal._records import Entry, EntryKind, Failure, Invocation, InvocationStatus
+from runjournal.journal._protocol import Capabilities, JournalBackend
+from runjournal.journal._records import Entry, EntryKind, Failure, Invocation, InvocationStatus
 
 __all__ = [
     "AWKWARD_IDS",

@@ -14,18 +14,18 @@ from typing import Any, TypeVar
 
 import attrs
 
-from context._context import Context
-from context._cursor import ReplayCursor
-from context._errors import (
+from runjournal.context._context import Context
+from runjournal.context._cursor import ReplayCursor
+from runjournal.context._errors import (
     HandlerNotFound,
     InvocationMismatch,
     TerminalError,
     failure_of,
     terminal_from,
 )
-from context._options import RunOptions
-from context._retry import Clock, RetryHook, SystemClock
-from journal import (
+from runjournal.context._options import RunOptions
+from runjournal.context._retry import Clock, RetryHook, SystemClock
+from runjournal.journal import (
     Codec,
     CodecError,
     Invocation,
@@ -81,7 +81,7 @@ def _new_invocation_id() -> str:
 def _open_default(url: str | Mapping[str, Any] | None) -> JournalBackend:
     # The engine is chosen at the edge: `backends` is looked up when a Runtime
     # is built without a ready backend, so `context` never imports an engine.
-    backends = importlib.import_module("backends")
+    backends = importlib.import_module("runjournal.backends")
     backend: JournalBackend = backends.open_backend(url)
     return backend
 
@@ -90,8 +90,8 @@ class Runtime:
     """Runs durable handlers against one journal.
 
     Args:
-        backend: a ready :class:`journal.JournalBackend`; or a URL / config
-            mapping for ``backends.open_backend``; or None for
+        backend: a ready :class:`runjournal.journal.JournalBackend`; or a URL / config
+            mapping for ``runjournal.backends.open_backend``; or None for
             ``$RUNJOURNAL_URL``, else ``lmdb://.runjournal``. A backend the
             Runtime opened itself is closed by :meth:`close`.
         codec: the default codec of handler inputs and outputs (JSON).

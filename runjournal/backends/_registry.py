@@ -21,7 +21,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 import attrs
 
-from journal import JournalBackend
+from runjournal.journal import JournalBackend
 
 __all__ = [
     "DEFAULT_URL",
@@ -40,7 +40,7 @@ ENV_VAR = "RUNJOURNAL_URL"
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*\Z")
 # The packages of this distribution: an ImportError naming one of them is a
 # broken install or a bug, not a missing extra.
-_OWN_PACKAGES = frozenset({"journal", "backends", "context"})
+_OWN_PACKAGES = frozenset({"runjournal"})
 
 
 class EngineClass(Protocol):
@@ -65,9 +65,9 @@ class _Registration:
 
 # scheme -> (dotted path "module:Class", extra to install or None)
 _BUILTINS: dict[str, tuple[str, str | None]] = {
-    "memory": ("backends._memory:MemoryBackend", None),
-    "lmdb": ("backends.lmdb:LMDBBackend", "lmdb"),
-    "s3": ("backends.s3:S3Backend", "s3"),
+    "memory": ("runjournal.backends._memory:MemoryBackend", None),
+    "lmdb": ("runjournal.backends.lmdb:LMDBBackend", "lmdb"),
+    "s3": ("runjournal.backends.s3:S3Backend", "s3"),
 }
 
 _registry: dict[str, _Registration] = {}
@@ -240,7 +240,7 @@ def _resolve(scheme: str) -> EngineClass:
         raise ValueError(
             f"unknown journal URL scheme {scheme!r}; known schemes: {', '.join(schemes)}. "
             f"Install the package that provides it, or register one with "
-            f"backends.register_backend() or the {ENTRY_POINT_GROUP!r} entry-point group"
+            f"runjournal.register_backend() or the {ENTRY_POINT_GROUP!r} entry-point group"
         )
     if not isinstance(reg.target, str):
         return reg.target

@@ -14,8 +14,8 @@ from typing import Any, Protocol
 
 import attrs
 
-from context._errors import ContextMisuseError, TerminalError
-from context._options import RunOptions
+from runjournal.context._errors import ContextMisuseError, TerminalError
+from runjournal.context._options import RunOptions
 
 __all__ = [
     "Clock",

@@ -7,7 +7,7 @@ from typing import Protocol, runtime_checkable
 
 import attrs
 
-from journal._records import Entry, Invocation, InvocationStatus
+from runjournal.journal._records import Entry, Invocation, InvocationStatus
 
 __all__ = ["Capabilities", "JournalBackend"]
 
@@ -37,7 +37,7 @@ class JournalBackend(Protocol):
 
     Engines raise only :mod:`journal` exceptions. Records are handed over as
     attrs instances; how they are laid out is the engine's business (the
-    built-in engines use :func:`journal.encode_entry` and friends).
+    built-in engines use :func:`runjournal.journal.encode_entry` and friends).
     """
 
     @property

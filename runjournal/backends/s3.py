@@ -2,9 +2,9 @@
 
 Every guarantee comes from S3's conditional writes, never from a
 check-then-write: an entry is created with ``If-None-Match: *`` (a second
-writer at the same index gets :class:`journal.EntryConflict`), an invocation
+writer at the same index gets :class:`runjournal.journal.EntryConflict`), an invocation
 record is replaced with ``If-Match: <etag>`` (compare-and-swap; a loser gets
-:class:`journal.VersionConflict`). A store that silently ignores those headers
+:class:`runjournal.journal.VersionConflict`). A store that silently ignores those headers
 is detected on the first write and refused.
 
 Keys, under ``<prefix>/`` (``<k>`` is the invocation id's key segment, see
@@ -45,7 +45,7 @@ import boto3
 import botocore.config
 import botocore.exceptions
 
-from journal import (
+from runjournal.journal import (
     BackendUnavailable,
     Capabilities,
     Entry,

@@ -19,8 +19,8 @@ from typing import Any, Final
 
 import msgpack
 
-from journal._errors import JournalCorrupt
-from journal._records import Entry, EntryKind, Failure, Invocation, InvocationStatus
+from runjournal.journal._errors import JournalCorrupt
+from runjournal.journal._records import Entry, EntryKind, Failure, Invocation, InvocationStatus
 
 __all__ = [
     "FORMAT_VERSION",

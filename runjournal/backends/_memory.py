@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 
 import attrs
 
-from journal import (
+from runjournal.journal import (
     BackendUnavailable,
     Capabilities,
     Entry,

@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 import attrs
 import lmdb
 
-from journal import (
+from runjournal.journal import (
     BackendUnavailable,
     Capabilities,
     Entry,

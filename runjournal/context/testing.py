@@ -1,17 +1,9 @@
-"""Test your own handlers: pytest fixtures, and crashes simulated at a chosen step.
+"""Test your own handlers: crashes simulated at a chosen journal step.
 
-This module is a pytest plugin, loaded automatically when runjournal is
-installed (entry-point group ``pytest11``, name ``runjournal``). Fixtures:
-
-``runjournal_runtime``
-    A :class:`~context.Runtime` on a fresh in-memory journal, with retry waits
-    off (:func:`~context.set_testing`); closed after the test.
-``runjournal_backend``
-    That runtime's journal, to look at what was recorded.
-``runjournal_crash``
-    :func:`crash_and_rerun` bound to ``runjournal_runtime``.
-``runjournal_testing``
-    Only turns retry waits off for the test (retries still happen).
+Needs nothing but runjournal (not pytest). The pytest plugin runjournal
+installs (:mod:`runjournal._pytest_plugin`) binds these to fixtures:
+``runjournal_runtime``, ``runjournal_backend``, ``runjournal_crash`` and
+``runjournal_testing``.
 
 Register the handler under test on the fixture's runtime, then crash it::
 
@@ -22,7 +14,7 @@ Register the handler under test on the fixture's runtime, then crash it::
         assert report.output == {"status": "shipped"}
 
 The crash machinery is engine-agnostic: :class:`CrashingBackend` wraps any
-:class:`journal.JournalBackend` and raises :class:`SimulatedCrash` at one
+:class:`runjournal.journal.JournalBackend` and raises :class:`SimulatedCrash` at one
 journal step, which ends the invocation attempt like a killed process would:
 from then on that client refuses every call, from any thread, and what was
 durable stays durable.
@@ -30,18 +22,22 @@ durable stays durable.
 
 from __future__ import annotations
 
-import functools
 import threading
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 import attrs
-import pytest
 
-from context._retry import is_testing, set_testing
-from context._runtime import Runtime
-from journal import Capabilities, Entry, EntryKind, Invocation, InvocationStatus, JournalBackend
+from runjournal.context._runtime import Runtime
+from runjournal.journal import (
+    Capabilities,
+    Entry,
+    EntryKind,
+    Invocation,
+    InvocationStatus,
+    JournalBackend,
+)
 
 __all__ = [
     "CrashHelper",
@@ -49,10 +45,6 @@ __all__ = [
     "CrashingBackend",
     "SimulatedCrash",
     "crash_and_rerun",
-    "runjournal_backend",
-    "runjournal_crash",
-    "runjournal_runtime",
-    "runjournal_testing",
 ]
 
 
@@ -97,7 +89,7 @@ def _check_step(step: object) -> int | str | None:
 
 
 class CrashingBackend:
-    """A :class:`journal.JournalBackend` wrapper that crashes at one journal step.
+    """A :class:`runjournal.journal.JournalBackend` wrapper that crashes at one journal step.
 
     It passes every call to ``inner`` and records each entry it is asked to
     append. The first append matching ``step`` — by journal index (int,
@@ -338,39 +330,3 @@ class CrashHelper(Protocol):
         lose_entry: bool = False,
         invocation_id: str | None = None,
     ) -> CrashReport: ...
-
-
-# -- fixtures -------------------------------------------------------------------
-
-
-@pytest.fixture
-def runjournal_testing() -> Iterator[None]:
-    """Retry waits off for this test (retries still happen); restored afterwards."""
-    was = is_testing()
-    set_testing(True)
-    try:
-        yield
-    finally:
-        set_testing(was)
-
-
-@pytest.fixture
-def runjournal_runtime(runjournal_testing: None) -> Iterator[Runtime]:
-    """A Runtime on a fresh in-memory journal, retry waits off; closed afterwards."""
-    runtime = Runtime("memory://")
-    try:
-        yield runtime
-    finally:
-        runtime.close()
-
-
-@pytest.fixture
-def runjournal_backend(runjournal_runtime: Runtime) -> JournalBackend:
-    """The journal of ``runjournal_runtime``, to inspect what was recorded."""
-    return runjournal_runtime.backend
-
-
-@pytest.fixture
-def runjournal_crash(runjournal_runtime: Runtime) -> CrashHelper:
-    """:func:`crash_and_rerun` bound to ``runjournal_runtime``."""
-    return functools.partial(crash_and_rerun, runjournal_runtime)

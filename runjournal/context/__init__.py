@@ -3,18 +3,18 @@
 Imports only :mod:`journal`; engines are chosen at the edge.
 """
 
-from context._context import Context
-from context._errors import (
+from runjournal.context._context import Context
+from runjournal.context._errors import (
     ContextMisuseError,
     HandlerNotFound,
     InvocationMismatch,
     NonDeterminismError,
     TerminalError,
 )
-from context._futures import RunFuture
-from context._options import RunOptions
-from context._retry import Clock, RetryDetails, SystemClock, is_testing, set_testing
-from context._runtime import HandlerSpec, RecoveryResult, Runtime
+from runjournal.context._futures import RunFuture
+from runjournal.context._options import RunOptions
+from runjournal.context._retry import Clock, RetryDetails, SystemClock, is_testing, set_testing
+from runjournal.context._runtime import HandlerSpec, RecoveryResult, Runtime
 
 __all__ = [
     "Clock",
