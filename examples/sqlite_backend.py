@@ -183,7 +183,7 @@ class SQLiteBackend:
 
     @property
     def capabilities(self) -> Capabilities:
-        return Capabilities(persistent=True, shared=True, max_payload_bytes=_MAX_PAYLOAD)
+        return Capabilities(persistent=True, max_payload_bytes=_MAX_PAYLOAD)
 
     # -- connections and transactions ----------------------------------------
 

@@ -86,11 +86,16 @@ def test_relative_url_and_query_options(tmp_path: Path, monkeypatch: pytest.Monk
 @pytest.mark.parametrize(
     ("query", "error", "match"),
     [
-        ("mapsize=1", TypeError, "no option mapsize; its options are durable, group_commit"),
-        ("map_size=lots", ValueError, "map_size 'lots' is not a size"),
+        (
+            "mapsize=1",
+            TypeError,
+            r"lmdb:// engine .* does not take the option 'mapsize'; "
+            "it takes: map_size, durable, group_commit, max_readers",
+        ),
+        ("map_size=lots", ValueError, "lmdb:// engine option map_size='lots': is not a size"),
         ("map_size=1KB", ValueError, "at least 64 KiB"),
-        ("durable=maybe", ValueError, "durable must be true or false"),
-        ("max_readers=0", ValueError, "max_readers must be >= 1"),
+        ("durable=maybe", ValueError, "option durable='maybe': must be true or false"),
+        ("max_readers=0", ValueError, "option max_readers='0': must be a whole number >= 1"),
     ],
 )
 def test_bad_options_are_named(tmp_path: Path, query: str, error: type, match: str) -> None:

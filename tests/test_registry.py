@@ -282,9 +282,11 @@ def test_an_option_the_engine_does_not_take_is_named_with_the_engine() -> None:
     assert isinstance(open_backend("strict://x", timeout="3", mode="ro"), MemoryBackend)
 
 
-def test_engines_taking_any_options_check_them_themselves() -> None:
-    with pytest.raises(TypeError, match="memory engine takes no options; got colour"):
+def test_builtin_engines_options_are_checked_like_any_engines() -> None:
+    with pytest.raises(TypeError, match=r"memory:// engine .* 'colour'; it takes: no options"):
         open_backend("memory://", colour="red")
+    with pytest.raises(TypeError, match=r"lmdb:// engine .* 'colour'; it takes: map_size"):
+        open_backend("lmdb://x", colour="red")
 
 
 def _fake_builtin(

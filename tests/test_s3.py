@@ -150,7 +150,7 @@ def test_open_backend_url_with_query_options(moto: MotoS3, bucket: str, prefix: 
         assert (backend.bucket, backend.prefix) == (bucket, prefix)
         assert (backend.segment_every, backend.max_attempts) == (7, 3)
         caps = backend.capabilities
-        assert caps.persistent and caps.shared and caps.max_payload_bytes
+        assert caps.persistent and caps.max_payload_bytes
         backend.create_invocation(make_invocation("via-url"))
         assert list(backend.list_invocations()) == ["via-url"]
     finally:
@@ -158,8 +158,8 @@ def test_open_backend_url_with_query_options(moto: MotoS3, bucket: str, prefix: 
 
 
 def test_unknown_option_names_option_and_engine() -> None:
-    with pytest.raises(TypeError, match=r"s3 engine.*map_size"):
-        S3Backend.from_url("s3://bucket/p", map_size="1GB")
+    with pytest.raises(TypeError, match=r"s3:// engine .* does not take the option 'map_size'"):
+        open_backend("s3://bucket/p", map_size="1GB")
     with pytest.raises(TypeError, match="aws_secret_access_key"):
         open_backend("s3://bucket/p?aws_secret_access_key=hunter2")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import weakref
 from collections.abc import Iterator
-from typing import Any, ClassVar
+from typing import ClassVar
 from urllib.parse import urlsplit
 
 import attrs
@@ -27,7 +27,7 @@ from runjournal.journal import (
 
 __all__ = ["MemoryBackend", "MemoryStore"]
 
-_CAPABILITIES = Capabilities(persistent=False, shared=False)
+_CAPABILITIES = Capabilities(persistent=False)
 
 
 @attrs.define
@@ -59,10 +59,8 @@ class MemoryBackend:
         self._closed = False
 
     @classmethod
-    def from_url(cls, url: str, **options: Any) -> MemoryBackend:
-        """Open ``memory://`` (a fresh store) or ``memory://name`` (a shared one)."""
-        if options:
-            raise TypeError(f"the memory engine takes no options; got {', '.join(sorted(options))}")
+    def from_url(cls, url: str) -> MemoryBackend:
+        """Open ``memory://`` (a fresh store) or ``memory://name`` (a shared one); no options."""
         parts = urlsplit(url)
         if parts.scheme != "memory":
             raise ValueError(f"not a memory:// URL: {url!r}")

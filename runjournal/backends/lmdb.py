@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -28,6 +27,7 @@ from urllib.parse import urlsplit
 import attrs
 import lmdb
 
+from runjournal.backends._options import convert_options, flag, size, whole
 from runjournal.journal import (
     BackendUnavailable,
     Capabilities,
@@ -48,7 +48,7 @@ from runjournal.journal import (
 
 __all__ = ["DEFAULT_MAP_SIZE", "LMDBBackend"]
 
-_CAPABILITIES = Capabilities(persistent=True, shared=True)
+_CAPABILITIES = Capabilities(persistent=True)
 
 T = TypeVar("T")
 
@@ -61,6 +61,7 @@ _STATUS_PREFIX: Final = {
     InvocationStatus.FAILED: b"sf",
 }
 _INDEX_BYTES: Final = 8
+_MAP_SIZE: Final = size(1 << 16)
 
 
 def _digest(invocation_id: str) -> bytes:
@@ -372,51 +373,6 @@ def _open_environment(
         raise
 
 
-# -- options -----------------------------------------------------------------
-
-_SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
-
-
-def _parse_size(value: Any) -> int:
-    if isinstance(value, int) and not isinstance(value, bool):
-        size = value
-    else:
-        match = _SIZE.match(str(value))
-        if not match:
-            raise ValueError(
-                f"lmdb engine: map_size {value!r} is not a size; "
-                "write bytes or e.g. '512MB', '2GiB'"
-            )
-        unit = (match.group(2) or "b")[0].lower()
-        size = int(match.group(1)) << {"b": 0, "k": 10, "m": 20, "g": 30, "t": 40}[unit]
-    if size < 1 << 16:
-        raise ValueError(f"lmdb engine: map_size must be at least 64 KiB, got {value!r}")
-    return size
-
-
-def _parse_bool(name: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in {"1", "true", "yes", "on"}:
-        return True
-    if text in {"0", "false", "no", "off"}:
-        return False
-    raise ValueError(f"lmdb engine: option {name} must be true or false, got {value!r}")
-
-
-def _parse_int(name: str, value: Any) -> int:
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"lmdb engine: option {name} must be a whole number, got {value!r}"
-        ) from None
-    if number < 1:
-        raise ValueError(f"lmdb engine: option {name} must be >= 1, got {value!r}")
-    return number
-
-
 # -- the engine --------------------------------------------------------------
 
 
@@ -466,7 +422,7 @@ class LMDBBackend:
     ) -> LMDBBackend:
         """Open (creating if needed) the journal at ``path``; see the class docstring."""
         real = os.path.realpath(os.fspath(path))
-        size = _parse_size(map_size)
+        map_bytes = convert_options("lmdb", map_size=(map_size, _MAP_SIZE))["map_size"]
         with _environments_lock:
             environment = _environments.get(real)
             if environment is not None and environment.pid != os.getpid():
@@ -474,7 +430,7 @@ class LMDBBackend:
             if environment is None:
                 environment = _open_environment(
                     real,
-                    map_size=size,
+                    map_size=map_bytes,
                     durable=durable,
                     group_commit=group_commit,
                     max_readers=max_readers,
@@ -490,11 +446,20 @@ class LMDBBackend:
         return cls(environment)
 
     @classmethod
-    def from_url(cls, url: str, **options: Any) -> LMDBBackend:
+    def from_url(
+        cls,
+        url: str,
+        *,
+        map_size: int | str | None = None,
+        durable: bool | str | None = None,
+        group_commit: bool | str | None = None,
+        max_readers: int | str | None = None,
+    ) -> LMDBBackend:
         """Open ``lmdb:///absolute/path`` or ``lmdb://relative/path``.
 
-        Options (keywords, or the URL's query string): ``map_size`` (bytes or
-        ``"512MB"``), ``durable``, ``group_commit``, ``max_readers``.
+        Options (keywords, or the URL's query string; None keeps the default):
+        ``map_size`` (bytes or ``"512MB"``), ``durable``, ``group_commit``,
+        ``max_readers``. See :meth:`open`.
         """
         parts = urlsplit(url)
         if parts.scheme != "lmdb":
@@ -504,22 +469,14 @@ class LMDBBackend:
             raise ValueError(
                 f"lmdb URL {url!r} names no directory; write lmdb:///abs/path or lmdb://rel/path"
             )
-        known = {"map_size", "durable", "group_commit", "max_readers"}
-        unknown = set(options) - known
-        if unknown:
-            raise TypeError(
-                f"the lmdb engine has no option {', '.join(sorted(unknown))}; "
-                f"its options are {', '.join(sorted(known))}"
-            )
-        kwargs: dict[str, Any] = {}
-        if "map_size" in options:
-            kwargs["map_size"] = _parse_size(options["map_size"])
-        for flag in ("durable", "group_commit"):
-            if flag in options:
-                kwargs[flag] = _parse_bool(flag, options[flag])
-        if "max_readers" in options:
-            kwargs["max_readers"] = _parse_int("max_readers", options["max_readers"])
-        return cls.open(path, **kwargs)
+        options = convert_options(
+            "lmdb",
+            map_size=(map_size, _MAP_SIZE),
+            durable=(durable, flag),
+            group_commit=(group_commit, flag),
+            max_readers=(max_readers, whole(1)),
+        )
+        return cls.open(path, **options)
 
     @property
     def path(self) -> str:

@@ -34,17 +34,24 @@ import time
 import uuid
 import zlib
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from typing import Any, Final, TypeVar
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import unquote, urlsplit
 
 import attrs
 import boto3
 import botocore.config
 import botocore.exceptions
 
+from runjournal.backends._options import (
+    convert_options,
+    one_of,
+    seconds,
+    text,
+    whole,
+)
 from runjournal.journal import (
     BackendUnavailable,
     Capabilities,
@@ -349,77 +356,6 @@ class _Known:
         self.loaded = True
 
 
-# -- options ---------------------------------------------------------------------
-
-
-def _to_int(name: str, value: Any, minimum: int) -> int:
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"s3 engine option {name}={value!r} is not an integer") from None
-    if isinstance(value, bool) or number < minimum:
-        raise ValueError(f"s3 engine option {name}={value!r} must be an integer >= {minimum}")
-    return number
-
-
-def _to_seconds(name: str, value: Any) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"s3 engine option {name}={value!r} is not a number of seconds") from None
-    if isinstance(value, bool) or not number > 0:
-        raise ValueError(f"s3 engine option {name}={value!r} must be a positive number")
-    return number
-
-
-def _to_str(name: str, value: Any) -> str:
-    if not isinstance(value, str) or not value:
-        raise ValueError(f"s3 engine option {name} must be a non-empty string")
-    return value
-
-
-@attrs.frozen
-class _Options:
-    """The options of ``s3://`` URLs, converted from their query strings."""
-
-    endpoint_url: str | None = None
-    region: str | None = None
-    profile: str | None = None
-    addressing_style: str | None = None
-    segment_every: int = 100
-    max_attempts: int = 6
-    connect_timeout: float = 5.0
-    read_timeout: float = 30.0
-    max_pool_connections: int = 32
-
-    @classmethod
-    def parse(cls, options: Mapping[str, Any]) -> _Options:
-        known = {f.name for f in attrs.fields(cls)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise TypeError(
-                f"the s3 engine does not take option(s) {', '.join(unknown)}; it takes "
-                f"{', '.join(sorted(known))} (credentials come from boto3's standard chain)"
-            )
-        values: dict[str, Any] = {}
-        for name, value in options.items():
-            if name in ("segment_every", "max_pool_connections"):
-                values[name] = _to_int(name, value, 2 if name == "segment_every" else 1)
-            elif name == "max_attempts":
-                values[name] = _to_int(name, value, 1)
-            elif name in ("connect_timeout", "read_timeout"):
-                values[name] = _to_seconds(name, value)
-            elif name == "addressing_style":
-                if value not in ("auto", "path", "virtual"):
-                    raise ValueError(
-                        f"s3 engine option addressing_style={value!r}: use auto, path or virtual"
-                    )
-                values[name] = value
-            else:
-                values[name] = _to_str(name, value)
-        return cls(**values)
-
-
 # -- the engine ------------------------------------------------------------------
 
 
@@ -479,18 +415,31 @@ class S3Backend:
         self._pool: ThreadPoolExecutor | None = None
 
     @classmethod
-    def from_url(cls, url: str, **options: Any) -> S3Backend:
+    def from_url(
+        cls,
+        url: str,
+        *,
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        profile: str | None = None,
+        addressing_style: str | None = None,
+        segment_every: int | str | None = None,
+        max_attempts: int | str | None = None,
+        connect_timeout: float | str | None = None,
+        read_timeout: float | str | None = None,
+        max_pool_connections: int | str | None = None,
+    ) -> S3Backend:
         """Open ``s3://bucket/prefix``.
 
-        Options (strings from the URL query, or values): ``endpoint_url`` (MinIO,
-        R2, ...), ``region``, ``profile``, ``addressing_style`` (auto/path/virtual),
-        ``segment_every``, ``max_attempts``, ``connect_timeout``, ``read_timeout``
-        (seconds), ``max_pool_connections``. Credentials come from boto3's
+        Options (strings from the URL query, or values; None keeps the default):
+        ``endpoint_url`` (MinIO, R2, ...), ``region``, ``profile``,
+        ``addressing_style`` (auto/path/virtual), ``segment_every`` (100),
+        ``max_attempts`` (6), ``connect_timeout`` (5) and ``read_timeout`` (30)
+        seconds, ``max_pool_connections`` (32). Credentials come from boto3's
         standard chain (environment, profile, instance role).
 
         Raises:
             ValueError: the URL or an option value is malformed.
-            TypeError: an option the engine does not take.
         """
         parts = urlsplit(url)
         if parts.scheme.lower() != "s3":
@@ -502,33 +451,45 @@ class S3Backend:
             )
         if not parts.netloc:
             raise ValueError(f"s3:// URL {url.split('?')[0]!r} has no bucket")
-        merged = {**dict(parse_qsl(parts.query, keep_blank_values=True)), **options}
-        opts = _Options.parse(merged)
-        session = boto3.session.Session(profile_name=opts.profile, region_name=opts.region)
+        opts = convert_options(
+            "s3",
+            endpoint_url=(endpoint_url, text),
+            region=(region, text),
+            profile=(profile, text),
+            addressing_style=(addressing_style, one_of("auto", "path", "virtual")),
+            segment_every=(segment_every, whole(2)),
+            max_attempts=(max_attempts, whole(1)),
+            connect_timeout=(connect_timeout, seconds),
+            read_timeout=(read_timeout, seconds),
+            max_pool_connections=(max_pool_connections, whole(1)),
+        )
+        session = boto3.session.Session(
+            profile_name=opts.get("profile"), region_name=opts.get("region")
+        )
         config = botocore.config.Config(
             retries={"total_max_attempts": 1, "mode": "standard"},
-            connect_timeout=opts.connect_timeout,
-            read_timeout=opts.read_timeout,
-            max_pool_connections=opts.max_pool_connections,
-            s3={"addressing_style": opts.addressing_style or "auto"},
+            connect_timeout=opts.get("connect_timeout", 5.0),
+            read_timeout=opts.get("read_timeout", 30.0),
+            max_pool_connections=opts.get("max_pool_connections", 32),
+            s3={"addressing_style": opts.get("addressing_style", "auto")},
             # S3-compatible stores differ in which checksum headers they accept;
             # records carry their own CRC, so send checksums only when required.
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
         )
-        client = session.client("s3", endpoint_url=opts.endpoint_url, config=config)
+        client = session.client("s3", endpoint_url=opts.get("endpoint_url"), config=config)
         return cls(
             client,
             parts.netloc,
             unquote(parts.path),
-            segment_every=opts.segment_every,
-            max_attempts=opts.max_attempts,
+            segment_every=opts.get("segment_every", 100),
+            max_attempts=opts.get("max_attempts", 6),
             owns_client=True,
         )
 
     @property
     def capabilities(self) -> Capabilities:
-        return Capabilities(persistent=True, shared=True, max_payload_bytes=16 * 1024 * 1024)
+        return Capabilities(persistent=True, max_payload_bytes=16 * 1024 * 1024)
 
     # -- keys ----------------------------------------------------------------------
 

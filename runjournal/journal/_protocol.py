@@ -19,21 +19,20 @@ class Capabilities:
     Attributes:
         persistent: records outlive the process and a closed client
             (the kit's reopen tests run only then).
-        shared: several processes may use the same journal at once
-            (the kit's and the runtime's cross-process checks run only then).
         max_payload_bytes: the largest encoded record the engine accepts, or
             None for no limit; the core refuses a bigger result with a clear
             error before it reaches the engine.
     """
 
     persistent: bool
-    shared: bool
     max_payload_bytes: int | None = None
 
 
 @runtime_checkable
 class JournalBackend(Protocol):
     """A journal store. Every method is synchronous and thread-safe.
+
+    Every method of a closed client raises :class:`BackendUnavailable`.
 
     Engines raise only :mod:`journal` exceptions. Records are handed over as
     attrs instances; how they are laid out is the engine's business (the
@@ -71,7 +70,10 @@ class JournalBackend(Protocol):
         ...
 
     def read_entries(self, invocation_id: str, start: int = 0) -> list[Entry]:
-        """Return the entries with index >= ``start``, in index order (gaps allowed)."""
+        """Return the entries with index >= ``start``, in index order (gaps allowed).
+
+        An id with no invocation has no entries: the result is empty.
+        """
         ...
 
     def append_entry(self, invocation_id: str, entry: Entry) -> None:
@@ -79,6 +81,9 @@ class JournalBackend(Protocol):
 
         Raises:
             EntryConflict: an entry already exists at that index.
+            InvocationNotFound: no invocation is stored under that id (entries
+                never outlive their invocation, so a later invocation reusing
+                the id cannot replay them).
         """
         ...
 

@@ -166,7 +166,7 @@ class JournalBackendTests:
     def test_is_a_journal_backend(self, backend: JournalBackend) -> None:
         assert isinstance(backend, JournalBackend)
         caps = backend.capabilities
-        assert isinstance(caps.persistent, bool) and isinstance(caps.shared, bool)
+        assert isinstance(caps.persistent, bool)
 
     # -- create-or-get -------------------------------------------------------
 
@@ -265,6 +265,23 @@ class JournalBackendTests:
         assert info.value.index == 0
         assert [e.payload for e in backend.read_entries(inv.id)] == [b'"first"']
 
+    def test_append_to_a_missing_invocation_raises_not_found(self, backend: JournalBackend) -> None:
+        with pytest.raises(InvocationNotFound):
+            backend.append_entry("never-created", make_entry(0))
+        assert backend.read_entries("never-created") == []
+        assert backend.get_invocation("never-created") is None
+
+    def test_append_after_delete_raises_not_found(
+        self, clients: Callable[[], JournalBackend]
+    ) -> None:
+        writer, deleter = clients(), clients()
+        inv, _ = writer.create_invocation(make_invocation())
+        writer.append_entry(inv.id, make_entry(0))
+        assert deleter.delete_invocation(inv.id)
+        with pytest.raises(InvocationNotFound):
+            deleter.append_entry(inv.id, make_entry(1))
+        assert writer.read_entries(inv.id) == []
+
     def test_read_is_in_index_order_whatever_the_write_order(self, backend: JournalBackend) -> None:
         inv, _ = backend.create_invocation(make_invocation())
         for index in [3, 0, 11, 2, 1, 10]:
@@ -358,12 +375,21 @@ class JournalBackendTests:
 
     def test_closed_client_refuses_work(self, open_backend: Opener) -> None:
         client = open_backend()
+        inv, _ = client.create_invocation(make_invocation())
         client.close()
         client.close()  # idempotent
-        with pytest.raises(BackendUnavailable):
-            client.get_invocation("x")
-        with pytest.raises(BackendUnavailable):
-            client.append_entry("x", make_entry(0))
+        calls: list[Callable[[], Any]] = [
+            lambda: client.create_invocation(make_invocation()),
+            lambda: client.get_invocation(inv.id),
+            lambda: client.update_invocation(inv),
+            lambda: client.read_entries(inv.id),
+            lambda: client.append_entry(inv.id, make_entry(0)),
+            lambda: list(client.list_invocations()),
+            lambda: client.delete_invocation(inv.id),
+        ]
+        for call in calls:
+            with pytest.raises(BackendUnavailable):
+                call()
 
     def test_reopen_sees_everything(self, open_backend: Opener) -> None:
         first = open_backend()
@@ -432,7 +458,7 @@ class JournalBackendTests:
 class ModelJournal:
     """The protocol's semantics in the fewest lines: the state machine's reference."""
 
-    capabilities = Capabilities(persistent=False, shared=False)
+    capabilities = Capabilities(persistent=False)
 
     def __init__(self) -> None:
         self.invocations: dict[str, Invocation] = {}
@@ -462,6 +488,8 @@ class ModelJournal:
         return [slots[i] for i in sorted(slots) if i >= start]
 
     def append_entry(self, invocation_id: str, entry: Entry) -> None:
+        if invocation_id not in self.invocations:
+            raise InvocationNotFound(invocation_id)
         slots = self.entries.setdefault(invocation_id, {})
         if entry.index in slots:
             raise EntryConflict(invocation_id, entry.index)
@@ -544,8 +572,6 @@ def _model_machine(
         )
         def append(self, inv_id: str, index: int, payload: bytes | None, kind: EntryKind) -> None:
             entry = make_entry(index, payload, kind=kind, created_at=2.0)
-            if self.reference.get_invocation(inv_id) is None:
-                return  # appending to a missing invocation is left to the engine
             self.both(lambda b: b.append_entry(inv_id, entry))
 
         @rule(inv_id=ids, start=st.integers(0, 7))
