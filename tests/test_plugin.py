@@ -1,4 +1,4 @@
-"""The pytest plugin (runjournal._pytest_plugin): fixtures and simulated crashes, as users see them."""
+"""The pytest plugin (runjournal._pytest_plugin): fixtures and simulated crashes."""
 
 from __future__ import annotations
 
