@@ -9,6 +9,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from runjournal._demo import demo, worker
+
 __all__ = ["main"]
 
 
@@ -31,8 +33,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         format=f"  [pid {os.getpid()}] %(levelname)s %(message)s",
         stream=sys.stdout,
     )
-    from runjournal import _demo
-
     if args.command == "demo":
-        return _demo.demo(args.journal)
-    return _demo.worker(args.journal, args.ledger, args.crash)
+        return demo(args.journal)
+    return worker(args.journal, args.ledger, args.crash)

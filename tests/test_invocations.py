@@ -162,7 +162,7 @@ def test_unknown_handler_and_bad_input_are_clear(rt: Runtime) -> None:
     rt.handler("h")(lambda ctx, x: x)
     from runjournal.journal import CodecError
 
-    with pytest.raises(CodecError, match="cannot encode the input"):
+    with pytest.raises(CodecError, match="the input cannot be journaled: the json codec cannot"):
         rt.invoke("h", object())
 
 
@@ -220,20 +220,42 @@ def test_two_workers_racing_record_exactly_one_value_per_index() -> None:
 
 
 def _child_id(queue: Any) -> None:
-    from runjournal.context._runtime import _new_invocation_id
+    from runjournal.context._runtime import new_invocation_id
 
-    queue.put(_new_invocation_id())
+    queue.put(new_invocation_id())
 
 
 def test_generated_ids_differ_between_a_process_and_its_forked_child() -> None:
     import multiprocessing
 
-    from runjournal.context._runtime import _new_invocation_id
+    from runjournal.context._runtime import new_invocation_id
 
+    new_invocation_id()  # the parent now holds unread random bytes
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()
     child = ctx.Process(target=_child_id, args=(queue,))
     child.start()
     child.join(30)
-    # Without reseeding after fork, the child's next id would be the parent's next id.
-    assert queue.get(timeout=5) != _new_invocation_id()
+    # A child reading the parent's unread bytes would hand out the parent's next id.
+    assert queue.get(timeout=5) != new_invocation_id()
+
+
+def test_generated_ids_are_random_uuid4s_from_the_os(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import uuid
+
+    from runjournal.context._runtime import new_invocation_id
+
+    reads: list[int] = []
+    real = os.urandom
+
+    def counting(n: int) -> bytes:
+        reads.append(n)
+        return real(n)
+
+    monkeypatch.setattr(os, "urandom", counting)
+    ids = [new_invocation_id() for _ in range(1000)]
+    assert len(set(ids)) == 1000
+    assert all(uuid.UUID(hex=i).version == 4 for i in ids)
+    # Batched: a few reads of the OS's randomness for a thousand ids, not one each.
+    assert 1 <= len(reads) <= 5 and sum(reads) >= 16 * (1000 - 256)

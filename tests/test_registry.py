@@ -82,7 +82,7 @@ def run_python(code: str, *, env: dict[str, str] | None = None) -> subprocess.Co
 # -- lazy imports ---------------------------------------------------------------
 
 
-def test_importing_backends_loads_no_engine_sdk_and_reads_no_entry_points() -> None:
+def test_importing_runjournal_loads_no_engine_sdk_and_reads_no_entry_points() -> None:
     result = run_python(
         """
         import importlib.metadata, sys
@@ -93,6 +93,8 @@ def test_importing_backends_loads_no_engine_sdk_and_reads_no_entry_points() -> N
             return real(**kw)
         importlib.metadata.entry_points = counting
 
+        import runjournal
+        from runjournal import Runtime, open_backend
         import runjournal.backends as backends
         import runjournal.context as context
         heavy = sorted(m for m in ("lmdb", "boto3", "botocore") if m in sys.modules)

@@ -7,32 +7,33 @@ lock per invocation attempt, after the entry's ``append_entry`` has returned;
 ``wait_first`` and ``wait`` decide by those numbers, so a decision only ever
 names futures whose entries are already durable, and it is journaled after
 them. A replay reads the decision back instead of deciding again.
+
+A :class:`RunFuture` is a handle: its state lives in the :class:`FutureGroup`
+of the attempt that started it, which is the only code that changes it.
 """
 
 from __future__ import annotations
 
 import enum
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import CancelledError, Executor
-from concurrent.futures import Future as _ExecutorFuture
+from concurrent.futures import Future as ExecutorFuture
 from typing import Any, Generic, TypeVar
+
+import attrs
 
 from runjournal.context._errors import ContextMisuseError
 from runjournal.journal import Entry, EntryKind, JournalCorrupt
 
-__all__ = [
-    "FutureGroup",
-    "RunFuture",
-    "decision_entry",
-    "is_journaled_failure",
-    "read_decision",
-    "unretrieved_message",
-]
+__all__ = ["FutureGroup", "RunFuture", "decision_entry", "read_decision"]
 
 T = TypeVar("T")
+
+log = logging.getLogger("runjournal")
 
 # The journaled value of a future, or its terminal error raised; given the
 # entry and the original error to chain to (None on replay).
@@ -44,7 +45,7 @@ Task = Callable[[], tuple[Entry, BaseException | None]]
 DECISION_CODEC = "json"
 
 
-class _State(enum.Enum):
+class State(enum.Enum):
     RUNNING = "running"
     JOURNALED = "journaled"
     FAILED = "failed"  # ended without a journal entry: the attempt must stop
@@ -59,18 +60,12 @@ class RunFuture(Generic[T]):
     A future belongs to the invocation attempt that started it.
     """
 
-    def __init__(self, group: FutureGroup, index: int, name: str | None, outcome: Outcome) -> None:
+    __slots__ = ("_group", "_index", "_name")
+
+    def __init__(self, group: FutureGroup, index: int, name: str | None) -> None:
         self._group = group
         self._index = index
         self._name = name
-        self._outcome = outcome
-        self._state = _State.RUNNING
-        self._seq = -1  # completion number, set when the state leaves RUNNING
-        self._entry: Entry | None = None
-        self._cause: BaseException | None = None
-        self._error: BaseException | None = None
-        self._retrieved = False
-        self._submitted: _ExecutorFuture[None] | None = None
 
     @property
     def index(self) -> int:
@@ -93,7 +88,7 @@ class RunFuture(Generic[T]):
         On replay a journaled future is done at once, so do not branch on this
         in handler logic: use ``ctx.wait_first`` to choose deterministically.
         """
-        return self._state is not _State.RUNNING
+        return self._group.state(self._index) is not State.RUNNING
 
     def result(self) -> T:
         """Block until the outcome is journaled; return the value decoded from it.
@@ -107,34 +102,71 @@ class RunFuture(Generic[T]):
                 was called inside a run closure.
             EntryConflict: another worker recorded this step first.
         """
-        self._group.check_usable()
-        self._group.wait_for(self)
-        self._retrieved = True
-        if self._error is not None:
-            raise self._error
-        assert self._entry is not None
-        return self._outcome(self._entry, self._cause)  # type: ignore[no-any-return]
+        return self._group.result(self._index)  # type: ignore[no-any-return]
 
     def __repr__(self) -> str:
         label = repr(self._name) if self._name is not None else "<unnamed>"
-        return f"<RunFuture {label} index={self._index} {self._state.value}>"
+        return f"<RunFuture {label} index={self._index} {self._group.state(self._index).value}>"
+
+
+@attrs.define
+class Slot:
+    """What a group knows of one future."""
+
+    future: RunFuture[Any]
+    outcome: Outcome
+    state: State = State.RUNNING
+    seq: int = -1  # completion number, set when the state leaves RUNNING
+    entry: Entry | None = None
+    cause: BaseException | None = None
+    error: BaseException | None = None
+    retrieved: bool = False
+    submitted: ExecutorFuture[None] | None = None
+
+    def journaled(self) -> Slot:
+        """This slot, if it can be chosen; else its error, raised (and retrieved).
+
+        A future that failed without a journal entry cannot be chosen: the
+        choice would name an index that has nothing recorded.
+        """
+        if self.error is not None:
+            self.retrieved = True
+            raise self.error
+        return self
+
+    def unretrieved_failure(self) -> str | None:
+        """How a failure nobody retrieved is described, or None."""
+        if self.retrieved:
+            return None
+        if self.error is not None:
+            return f"{type(self.error).__name__}: {self.error}"
+        if self.entry is not None and self.entry.failure is not None:
+            return f"journaled {self.entry.failure.type_name}: {self.entry.failure.message}"
+        return None
 
 
 class FutureGroup:
-    """The futures of one invocation attempt, and the order they completed in."""
+    """The futures of one invocation attempt, and the order they completed in.
+
+    Args:
+        invocation_id: the invocation the attempt runs.
+        executor: runs the futures' tasks (None: ``start`` is refused).
+        check_usable: raises if the caller may not use futures here (called
+            by ``result()``, with the operation's label).
+    """
 
     def __init__(
         self,
         invocation_id: str,
         executor: Executor | None,
-        check_usable: Callable[[], None],
+        check_usable: Callable[[str], None],
     ) -> None:
         self.invocation_id = invocation_id
         self.executor = executor
-        self.check_usable = check_usable
+        self._check_usable = check_usable
         self._cond = threading.Condition()
         self._completed = 0
-        self._futures: list[RunFuture[Any]] = []
+        self._slots: dict[int, Slot] = {}
 
     # -- creating ----------------------------------------------------------------
 
@@ -142,48 +174,47 @@ class FutureGroup:
         self, index: int, name: str | None, entry: Entry, outcome: Outcome
     ) -> RunFuture[Any]:
         """A future whose entry is already journaled (replay): complete at once."""
-        fut: RunFuture[Any] = RunFuture(self, index, name, outcome)
+        fut: RunFuture[Any] = RunFuture(self, index, name)
         with self._cond:
-            self._futures.append(fut)
-            self._settle(fut, entry=entry)
+            slot = self._slots[index] = Slot(fut, outcome)
+            self._settle(slot, entry=entry)
         return fut
 
     def start(self, index: int, name: str | None, task: Task, outcome: Outcome) -> RunFuture[Any]:
         """Run ``task`` (execute ``fn`` with retries, journal the entry) on the executor."""
         assert self.executor is not None
-        fut: RunFuture[Any] = RunFuture(self, index, name, outcome)
+        fut: RunFuture[Any] = RunFuture(self, index, name)
         with self._cond:
-            self._futures.append(fut)
+            slot = self._slots[index] = Slot(fut, outcome)
 
         def work() -> None:
             try:
                 entry, cause = task()
             except BaseException as exc:
                 # Kept for result()/wait; the worker thread must not die with it.
-                self.fail(fut, exc)
+                self._fail(slot, exc)
             else:
                 with self._cond:
-                    self._settle(fut, entry=entry, cause=cause)
+                    self._settle(slot, entry=entry, cause=cause)
 
         try:
-            fut._submitted = self.executor.submit(work)
+            slot.submitted = self.executor.submit(work)
         except RuntimeError as exc:  # the executor is shut down
             error = RuntimeError(
                 f"run_async {fut!r} of invocation {self.invocation_id!r} cannot start: the "
                 f"Runtime's executor is shut down (Runtime.close() was called): {exc}"
             )
-            self.fail(fut, error)
+            self._fail(slot, error)
             raise error from exc
         return fut
 
-    def fail(self, fut: RunFuture[Any], error: BaseException) -> None:
-        """End ``fut`` without a journal entry."""
+    def _fail(self, slot: Slot, error: BaseException) -> None:
         with self._cond:
-            self._settle(fut, error=error)
+            self._settle(slot, error=error)
 
     def _settle(
         self,
-        fut: RunFuture[Any],
+        slot: Slot,
         *,
         entry: Entry | None = None,
         cause: BaseException | None = None,
@@ -191,24 +222,43 @@ class FutureGroup:
     ) -> None:
         # Called with the lock held, after the entry (if any) is durable: the
         # completion number is what wait_first/wait decide by.
-        if fut._state is not _State.RUNNING:
+        if slot.state is not State.RUNNING:
             return
-        fut._entry, fut._cause, fut._error = entry, cause, error
-        fut._state = _State.JOURNALED if error is None else _State.FAILED
-        fut._seq = self._completed
+        slot.entry, slot.cause, slot.error = entry, cause, error
+        slot.state = State.JOURNALED if error is None else State.FAILED
+        slot.seq = self._completed
         self._completed += 1
         self._cond.notify_all()
 
+    # -- one future --------------------------------------------------------------
+
+    def state(self, index: int) -> State:
+        """Where the future at ``index`` stands."""
+        return self._slots[index].state
+
+    def result(self, index: int) -> Any:
+        """The value of the future at ``index`` once complete, or its error raised."""
+        slot = self._slots[index]
+        self._check_usable("RunFuture.result()")
+        with self._cond:
+            self._cond.wait_for(lambda: slot.state is not State.RUNNING)
+        slot.retrieved = True
+        if slot.error is not None:
+            raise slot.error
+        assert slot.entry is not None
+        return slot.outcome(slot.entry, slot.cause)
+
     # -- checking arguments ------------------------------------------------------
 
-    def check_members(self, operation: str, futs: Sequence[object]) -> list[RunFuture[Any]]:
-        """Refuse an empty call, non-futures, foreign futures and duplicates."""
+    def check_members(self, operation: str, futs: Sequence[object]) -> list[Slot]:
+        """The slots of ``futs``; refuse an empty call, non-futures, foreign futures
+        and duplicates."""
         if not futs:
             raise ValueError(
                 f"ctx.{operation}() needs at least one future; pass the futures returned by "
                 f"ctx.run_async(), e.g. ctx.{operation}(a, b)"
             )
-        checked: list[RunFuture[Any]] = []
+        checked: list[Slot] = []
         seen: set[int] = set()
         for fut in futs:
             if not isinstance(fut, RunFuture):
@@ -221,7 +271,8 @@ class FutureGroup:
                     f"ctx.{operation}() takes RunFuture objects returned by ctx.run_async(), "
                     f"got {type(fut).__name__}{hint}"
                 )
-            if fut._group is not self:
+            slot = self._slots.get(fut.index)
+            if slot is None or slot.future is not fut:
                 where = (
                     "an earlier attempt of this invocation; a future lives only as long as the "
                     "attempt that started it: call ctx.run_async() again in this attempt (a "
@@ -240,79 +291,85 @@ class FutureGroup:
                     "(a future may take part in several wait calls, but once in each)"
                 )
             seen.add(fut.index)
-            checked.append(fut)
+            checked.append(slot)
         return checked
 
     # -- waiting -------------------------------------------------------------------
 
-    def wait_for(self, fut: RunFuture[Any]) -> None:
-        """Block until ``fut`` is no longer running."""
+    def first(self, slots: Sequence[Slot]) -> RunFuture[Any]:
+        """The first of ``slots`` to complete; raise its error if it failed unjournaled."""
         with self._cond:
-            self._cond.wait_for(lambda: fut._state is not _State.RUNNING)
+            self._cond.wait_for(lambda: any(s.state is not State.RUNNING for s in slots))
+            slot = min((s for s in slots if s.state is not State.RUNNING), key=_seq)
+        return slot.journaled().future
 
-    def first(self, futs: Sequence[RunFuture[Any]]) -> RunFuture[Any]:
-        """The first of ``futs`` to complete; raise its error if it failed unjournaled."""
-        with self._cond:
-            self._cond.wait_for(lambda: any(f._state is not _State.RUNNING for f in futs))
-            fut = min((f for f in futs if f._state is not _State.RUNNING), key=_seq)
-        return _journaled(fut)
-
-    def in_completion_order(self, futs: Sequence[RunFuture[Any]]) -> list[RunFuture[Any]]:
-        """``futs`` once all are journaled, in completion order.
+    def in_completion_order(self, slots: Sequence[Slot]) -> list[RunFuture[Any]]:
+        """The futures of ``slots`` once all are journaled, in completion order.
 
         The first one to fail without a journal entry is raised at once.
         """
 
         def ready() -> bool:
-            states = [f._state for f in futs]
-            return _State.FAILED in states or _State.RUNNING not in states
+            states = [s.state for s in slots]
+            return State.FAILED in states or State.RUNNING not in states
 
         with self._cond:
             self._cond.wait_for(ready)
-            ordered = sorted(futs, key=_seq)
-        for fut in ordered:
-            _journaled(fut)
-        return ordered
+            ordered = sorted(slots, key=_seq)
+        return [slot.journaled().future for slot in ordered]
+
+    def chosen(self, slots: Sequence[Slot], indexes: Iterable[int]) -> list[RunFuture[Any]]:
+        """The futures a journaled decision chose, once each is complete.
+
+        Chosen futures were journaled before the decision, so they are resolved
+        from the journal already; wait anyway, in case this attempt read the
+        decision but not yet an entry written just before it.
+        """
+        by_index = {slot.future.index: slot for slot in slots}
+        return [self.first([by_index[i]]) for i in indexes]
 
     # -- the end of an attempt -----------------------------------------------------
 
-    def drain(self) -> list[RunFuture[Any]]:
-        """Wait for every started future; return those whose failure nobody retrieved."""
+    def settle(self, *, strict: bool) -> None:
+        """Wait until every future is journaled or has failed; report unretrieved failures.
+
+        With ``strict``, raise the first (by index) unretrieved failure that
+        left no journal entry: the invocation must not complete without it.
+        Other unretrieved failures are logged at WARNING.
+        """
         with self._cond:
-            self._cond.wait_for(lambda: all(f._state is not _State.RUNNING for f in self._futures))
-            futs = list(self._futures)
-        unretrieved = []
-        for fut in futs:
-            if fut._retrieved:
+            self._cond.wait_for(
+                lambda: all(s.state is not State.RUNNING for s in self._slots.values())
+            )
+            slots = sorted(self._slots.values(), key=lambda s: s.future.index)
+        for slot in slots:
+            message = slot.unretrieved_failure()
+            if message is None:
                 continue
-            if fut._error is not None or (fut._entry is not None and fut._entry.failure):
-                unretrieved.append(fut)
-        return unretrieved
+            if strict and slot.error is not None:
+                slot.journaled()  # raises it, marked retrieved
+            log.warning(
+                "invocation %r: %r failed and its result was never retrieved: %s",
+                self.invocation_id,
+                slot.future,
+                message,
+                extra={"invocation_id": self.invocation_id, "index": slot.future.index},
+            )
 
     def abandon(self) -> None:
         """Cancel futures that have not started; do not wait for running ones."""
         with self._cond:
-            futs = list(self._futures)
-        for fut in futs:
-            submitted = fut._submitted
-            if submitted is not None and submitted.cancel():
-                self.fail(
-                    fut, CancelledError(f"{fut!r} was cancelled: the handler was interrupted")
+            slots = list(self._slots.values())
+        for slot in slots:
+            if slot.submitted is not None and slot.submitted.cancel():
+                self._fail(
+                    slot,
+                    CancelledError(f"{slot.future!r} was cancelled: the handler was interrupted"),
                 )
 
 
-def _seq(fut: RunFuture[Any]) -> int:
-    return fut._seq
-
-
-def _journaled(fut: RunFuture[Any]) -> RunFuture[Any]:
-    # A future that failed without a journal entry cannot be chosen: the
-    # choice would name an index that has nothing recorded. Its error stops
-    # the attempt instead.
-    if fut._error is not None:
-        fut._retrieved = True
-        raise fut._error
-    return fut
+def _seq(slot: Slot) -> int:
+    return slot.seq
 
 
 # -- journaled decisions -----------------------------------------------------------
@@ -367,17 +424,3 @@ def _ints(values: object) -> bool:
     return isinstance(values, list) and all(
         isinstance(v, int) and not isinstance(v, bool) for v in values
     )
-
-
-def unretrieved_message(fut: RunFuture[Any]) -> str:
-    """How an unretrieved failure of ``fut`` is logged."""
-    if fut._error is not None:
-        return f"{type(fut._error).__name__}: {fut._error}"
-    assert fut._entry is not None and fut._entry.failure is not None
-    failure = fut._entry.failure
-    return f"journaled {failure.type_name}: {failure.message}"
-
-
-def is_journaled_failure(fut: RunFuture[Any]) -> bool:
-    """Whether ``fut`` ended with a journaled terminal failure."""
-    return fut._error is None and fut._entry is not None and fut._entry.failure is not None

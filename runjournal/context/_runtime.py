@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 import os
-import random
+import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -14,8 +15,8 @@ from typing import Any, TypeVar
 
 import attrs
 
+from runjournal.context._attempt import Attempt
 from runjournal.context._context import Context
-from runjournal.context._cursor import ReplayCursor
 from runjournal.context._errors import (
     HandlerNotFound,
     InvocationMismatch,
@@ -27,11 +28,12 @@ from runjournal.context._options import RunOptions
 from runjournal.context._retry import Clock, RetryHook, SystemClock
 from runjournal.journal import (
     Codec,
-    CodecError,
     Invocation,
     InvocationStatus,
     JournalBackend,
     VersionConflict,
+    decode_value,
+    encode_value,
 )
 
 __all__ = ["HandlerSpec", "RecoveryResult", "Runtime"]
@@ -66,16 +68,44 @@ class RecoveryResult:
     error: BaseException | None = None
 
 
-# uuid.uuid4() reads os.urandom for every id, which releases the GIL; with many
-# threads invoking, each release can cost a thread switch. A generator seeded
-# once from os.urandom (and again in a forked child) gives ids as unique.
-_ids = random.Random()
-os.register_at_fork(after_in_child=_ids.seed)
+class _IdSource:
+    """Random (version 4) UUIDs from the OS's secure randomness, read in batches.
+
+    ``uuid.uuid4()`` reads ``os.urandom`` once per id, a system call that
+    releases the GIL; with many threads invoking, each release can cost a
+    thread switch. Reading 256 ids' worth at once keeps them exactly as
+    unpredictable (they are meant as idempotency keys) at a fraction of the
+    calls. A forked child drops the parent's unread bytes, so the two never
+    hand out the same id.
+    """
+
+    BATCH = 256
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._buffer = b""
+        self._pos = 0
+        os.register_at_fork(after_in_child=self._forget)
+
+    def _forget(self) -> None:
+        self._lock = threading.Lock()
+        self._buffer, self._pos = b"", 0
+
+    def new(self) -> str:
+        with self._lock:
+            if self._pos >= len(self._buffer):
+                self._buffer, self._pos = os.urandom(16 * self.BATCH), 0
+            chunk = self._buffer[self._pos : self._pos + 16]
+            self._pos += 16
+        return uuid.UUID(bytes=chunk, version=4).hex
 
 
-def _new_invocation_id() -> str:
+_ids = _IdSource()
+
+
+def new_invocation_id() -> str:
     """A random (version 4) UUID in hex, for invocations the caller did not name."""
-    return uuid.UUID(int=_ids.getrandbits(128), version=4).hex
+    return _ids.new()
 
 
 def _open_default(url: str | Mapping[str, Any] | None) -> JournalBackend:
@@ -148,6 +178,7 @@ class Runtime:
             raise ValueError(f"a handler name must be a non-empty str, got {name!r}")
 
         def register(fn: F) -> F:
+            _check_handler(name, fn)
             if name in self._handlers and self._handlers[name].fn is not fn:
                 raise ValueError(f"a handler named {name!r} is already registered")
             self._handlers[name] = HandlerSpec(name, fn, codec or self.codec)
@@ -191,14 +222,8 @@ class Runtime:
                 pending for a later ``invoke`` or :meth:`recover`.
         """
         spec = self._spec(handler)
-        inv_id = invocation_id if invocation_id is not None else _new_invocation_id()
-        try:
-            input_bytes = spec.codec.encode(input)
-        except Exception as exc:
-            raise CodecError(
-                f"handler {spec.name!r}: codec {spec.codec.name!r} cannot encode the input "
-                f"({type(input).__name__}): {exc}"
-            ) from exc
+        inv_id = invocation_id if invocation_id is not None else new_invocation_id()
+        input_bytes = encode_value(spec.codec, input, f"handler {spec.name!r}: the input")
         now = time.time()
         stored, created = self.backend.create_invocation(
             Invocation(
@@ -236,40 +261,43 @@ class Runtime:
         if stored.status is not InvocationStatus.PENDING:
             return self._finished(spec, stored)
         recorded = [] if fresh else self.backend.read_entries(stored.id)
-        cursor = ReplayCursor(self.backend, stored.id, recorded)
-        ctx = Context(
-            cursor,
+        attempt = Attempt(
+            self.backend,
+            stored.id,
+            recorded,
             handler=spec.name,
             defaults=self.options,
             clock=self.clock,
             on_retry=self.on_retry,
             executor=self._executor,
         )
-        input_value = self._decode(spec, stored.input, "input", stored.id)
+        try:
+            return self._run_attempt(spec, stored, attempt)
+        finally:
+            attempt.end()
+
+    def _run_attempt(self, spec: HandlerSpec, stored: Invocation, attempt: Attempt) -> Any:
+        where = f"handler {spec.name!r} (invocation {stored.id!r})"
+        input_value = decode_value(spec.codec, stored.input, f"{where}: the journaled input")
         # An invocation ends only once every future it started is journaled
         # (or has failed), whatever the handler did: a completed invocation is
         # never replayed, so a side effect still running would be lost.
         try:
-            result = spec.fn(ctx, input_value)
+            result = spec.fn(Context(attempt), input_value)
         except TerminalError as exc:
-            ctx._settle_futures(strict=False)
+            attempt.settle(strict=False)
             done = self._complete(stored, status=InvocationStatus.FAILED, failure=failure_of(exc))
             return self._finished(spec, done, cause=exc)
         except Exception:
-            ctx._settle_futures(strict=False)
+            attempt.settle(strict=False)
             raise
         except BaseException:
-            ctx._abandon_futures()
+            attempt.abandon()
             raise
-        ctx._settle_futures(strict=True)
-        try:
-            output = spec.codec.encode(result)
-        except Exception as exc:
-            raise CodecError(
-                f"handler {spec.name!r} (invocation {stored.id!r}): codec {spec.codec.name!r} "
-                f"cannot encode its output ({type(result).__name__}): {exc}; "
-                "the invocation stays pending"
-            ) from exc
+        attempt.settle(strict=True)
+        output = encode_value(
+            spec.codec, result, f"{where}: the output (the invocation stays pending)"
+        )
         done = self._complete(stored, status=InvocationStatus.COMPLETED, output=output)
         return self._finished(spec, done)
 
@@ -294,17 +322,9 @@ class Runtime:
             assert inv.failure is not None
             raise terminal_from(inv.failure) from cause
         assert inv.output is not None
-        return self._decode(spec, inv.output, "output", inv.id)
-
-    @staticmethod
-    def _decode(spec: HandlerSpec, data: bytes, what: str, inv_id: str) -> Any:
-        try:
-            return spec.codec.decode(data)
-        except Exception as exc:
-            raise CodecError(
-                f"handler {spec.name!r} (invocation {inv_id!r}): codec {spec.codec.name!r} "
-                f"cannot decode the journaled {what}: {exc}"
-            ) from exc
+        return decode_value(
+            spec.codec, inv.output, f"handler {spec.name!r} (invocation {inv.id!r}): the output"
+        )
 
     def resume(self, invocation_id: str) -> Any:
         """Continue a journaled invocation with its journaled input."""
@@ -364,3 +384,23 @@ class Runtime:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _check_handler(name: str, fn: object) -> None:
+    """Refuse at registration what cannot run as a handler, saying why."""
+    if not callable(fn):
+        raise TypeError(
+            f"handler {name!r} must be a function fn(ctx, input), got {type(fn).__name__} {fn!r}"
+        )
+    target = inspect.unwrap(fn)
+    if inspect.isgeneratorfunction(target) or inspect.isasyncgenfunction(target):
+        raise TypeError(
+            f"handler {name!r} is a generator function; a handler returns its output once "
+            "(its return value is journaled), so return a value instead of yielding"
+        )
+    if inspect.iscoroutinefunction(target):
+        raise TypeError(
+            f"handler {name!r} is an async def function; this version of runjournal runs "
+            "sync handlers only. Make it a plain def (run async code inside a step with "
+            "asyncio.run), or wait for async handler support"
+        )

@@ -128,6 +128,11 @@ class CrashingBackend:
         self._lose_entry = lose_entry
         self._lock = threading.Lock()
 
+    def writes(self) -> tuple[tuple[Entry, ...], tuple[Entry, ...]]:
+        """The entries asked to append so far, and those of them lost (a consistent snapshot)."""
+        with self._lock:
+            return tuple(self.appended), tuple(self.lost)
+
     def _matches(self, entry: Entry) -> bool:
         step = self._step
         if step is None:
@@ -313,9 +318,8 @@ def crash_and_rerun(
         output = runtime.invoke(handler, input, invocation_id=inv_id)
     finally:
         runtime.backend = original
-    with crashing._lock:
-        first_run, lost = tuple(crashing.appended), tuple(crashing.lost)
-    return CrashReport(inv_id, crash, first_run, lost, tuple(restarted.appended), output)
+    first_run, lost = crashing.writes()
+    return CrashReport(inv_id, crash, first_run, lost, restarted.writes()[0], output)
 
 
 class CrashHelper(Protocol):

@@ -1,7 +1,7 @@
 """The storage-facing core of runjournal: records, the backend protocol, the
 record format, codecs and errors. Imports nothing else of runjournal's."""
 
-from runjournal.journal._codec import Codec, JSONCodec, MsgpackCodec
+from runjournal.journal._codec import Codec, JSONCodec, MsgpackCodec, decode_value, encode_value
 from runjournal.journal._errors import (
     BackendUnavailable,
     CodecError,
@@ -46,6 +46,8 @@ __all__ = [
     "VersionConflict",
     "decode_entry",
     "decode_invocation",
+    "decode_value",
     "encode_entry",
     "encode_invocation",
+    "encode_value",
 ]

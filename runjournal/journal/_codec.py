@@ -9,7 +9,7 @@ import msgpack
 
 from runjournal.journal._errors import CodecError
 
-__all__ = ["Codec", "JSONCodec", "MsgpackCodec"]
+__all__ = ["Codec", "JSONCodec", "MsgpackCodec", "decode_value", "encode_value"]
 
 
 @runtime_checkable
@@ -83,3 +83,45 @@ class MsgpackCodec:
 
     def __repr__(self) -> str:
         return "MsgpackCodec()"
+
+
+def encode_value(codec: Codec, value: Any, what: str) -> bytes:
+    """``codec.encode(value)``, with every failure a :class:`CodecError` naming ``what``.
+
+    The one place values meet codecs on the way in: a user codec may raise
+    anything, or return something that is not bytes.
+
+    Args:
+        codec: the codec to use.
+        value: the value to encode.
+        what: what the value is, for the message (e.g. ``"run 'charge'
+            (invocation 'order-42', index 3): the result"``).
+    """
+    try:
+        data = codec.encode(value)
+    except Exception as exc:
+        raise CodecError(f"{what} cannot be journaled: {_reason(codec, exc, value)}") from exc
+    if not isinstance(data, bytes):
+        raise CodecError(
+            f"{what} cannot be journaled: codec {codec.name!r} returned "
+            f"{type(data).__name__}, not bytes"
+        )
+    return data
+
+
+def decode_value(codec: Codec, data: bytes, what: str) -> Any:
+    """``codec.decode(data)``, with every failure a :class:`CodecError` naming ``what``."""
+    try:
+        return codec.decode(data)
+    except Exception as exc:
+        raise CodecError(
+            f"{what} cannot be read back from the journal ({len(data)} bytes): "
+            f"{_reason(codec, exc)}"
+        ) from exc
+
+
+def _reason(codec: Codec, exc: Exception, value: Any = None) -> str:
+    if isinstance(exc, CodecError):  # a codec's own error already says what failed
+        return str(exc)
+    subject = "" if value is None else f" on a {type(value).__name__}"
+    return f"codec {codec.name!r} failed{subject}: {type(exc).__name__}: {exc}"
