@@ -17,7 +17,10 @@ import lmdb
 import pytest
 
 from runjournal.backends import open_backend
-from runjournal.backends.lmdb import LMDBBackend, _digest, _entry_key, _invocation_key
+from runjournal.backends.lmdb import LMDBBackend
+from runjournal.backends.lmdb._committer import Op
+from runjournal.backends.lmdb._environment import acquire, release
+from runjournal.backends.lmdb._keys import MARKER, MARKER_KEY, digest, entry_key, invocation_key
 from runjournal.context import Context, Runtime
 from runjournal.journal import (
     BackendUnavailable,
@@ -37,16 +40,20 @@ class TestLMDBBackend(JournalBackendTests):
 
     def _overwrite(self, backend: JournalBackend, key: bytes) -> None:
         assert isinstance(backend, LMDBBackend)
-        with backend._environment.env.begin(write=True) as txn:
-            value = txn.get(key)
-            assert value is not None
-            txn.put(key, bytes(value)[:-1] + bytes([value[-1] ^ 0x55]))
+        environment = acquire(backend.path)  # the backend's own: one per path per process
+        try:
+            with environment.env.begin(write=True) as txn:
+                value = txn.get(key)
+                assert value is not None
+                txn.put(key, bytes(value)[:-1] + bytes([value[-1] ^ 0x55]))
+        finally:
+            release(environment)
 
     def corrupt_entry(self, backend: JournalBackend, invocation_id: str, index: int) -> None:
-        self._overwrite(backend, _entry_key(_digest(invocation_id), index))
+        self._overwrite(backend, entry_key(digest(invocation_id), index))
 
     def corrupt_invocation(self, backend: JournalBackend, invocation_id: str) -> None:
-        self._overwrite(backend, _invocation_key(_digest(invocation_id)))
+        self._overwrite(backend, invocation_key(digest(invocation_id)))
 
 
 # -- opening -----------------------------------------------------------------
@@ -56,13 +63,15 @@ def test_same_path_twice_shares_one_environment(tmp_path: Path) -> None:
     a = LMDBBackend.open(tmp_path / "j")
     b = open_backend(f"lmdb://{tmp_path}/j")
     assert isinstance(b, LMDBBackend)
-    assert a._environment is b._environment
+    assert a.info().clients == b.info().clients == 2
     a.close()
     # The environment stays open for the other client.
     b.create_invocation(make_invocation("x"))
+    assert b.info().clients == 1
     b.close()
+    # The last client closed it; a new client opens it afresh.
     c = LMDBBackend.open(tmp_path / "j")
-    assert c._environment is not a._environment
+    assert c.info().clients == 1
     assert c.get_invocation("x") is not None
     c.close()
 
@@ -77,9 +86,11 @@ def test_relative_url_and_query_options(tmp_path: Path, monkeypatch: pytest.Monk
     backend = open_backend("lmdb://rel/journal?map_size=1MB&durable=false&max_readers=64")
     assert isinstance(backend, LMDBBackend)
     assert backend.path == str(tmp_path / "rel" / "journal")
-    assert backend._environment.env.info()["map_size"] == 1 << 20
-    assert backend._environment.env.max_readers() == 64
-    assert backend._environment.durable is False
+    info = backend.info()
+    assert info.map_size == 1 << 20
+    assert info.max_readers == 64
+    assert backend.durable is False
+    assert (info.durable, info.group_commit) == (False, True)
     backend.close()
 
 
@@ -194,7 +205,7 @@ def test_a_full_map_grows_and_the_write_is_retried(tmp_path: Path) -> None:
     for index in range(200):  # ~1.6 MB into a 64 KiB map
         backend.append_entry(inv.id, make_entry(index, payload))
     assert [e.index for e in backend.read_entries(inv.id)] == list(range(200))
-    assert backend._environment.env.info()["map_size"] >= 2 << 20
+    assert backend.info().map_size >= 2 << 20
     backend.close()
 
 
@@ -226,36 +237,38 @@ def test_growth_under_concurrent_readers_and_writers(tmp_path: Path) -> None:
 
 def test_group_commit_shares_one_transaction_between_waiting_writers(tmp_path: Path) -> None:
     backend = LMDBBackend.open(tmp_path / "j")
-    environment = backend._environment
+    environment = acquire(backend.path)  # the backend's own: one per path per process
+    committer = environment.committer
     n = 24
     ids = [backend.create_invocation(make_invocation(f"i{k}"))[0].id for k in range(n)]
-    before = environment.env.info()["last_txnid"]
-    release = threading.Event()
-    original = environment._commit_once
+    before = backend.info().last_txnid
+    leading, all_queued = threading.Event(), threading.Event()
 
-    def first_commit_waits(batch: Any) -> None:
-        # Hold the first transaction until every other writer has queued behind it.
+    def first_commit_waits(txn: Any) -> None:
+        # Hold the first transaction until every writer has queued behind it.
+        leading.set()
         deadline = time.monotonic() + 30
-        while len(environment._queue) < n - 1 and time.monotonic() < deadline:
+        while committer.queued < n and time.monotonic() < deadline:
             time.sleep(0.001)
-        release.set()
-        environment._commit_once = original  # type: ignore[method-assign]
-        original(batch)
+        if committer.queued == n:
+            all_queued.set()
+        txn.put(MARKER_KEY, MARKER)  # a write, so this commit counts as one
 
-    environment._commit_once = first_commit_waits  # type: ignore[method-assign]
+    holder = threading.Thread(target=committer.write, args=(Op(first_commit_waits),))
+    holder.start()
+    assert leading.wait(30)
     threads = [
         threading.Thread(target=backend.append_entry, args=(ids[k], make_entry(0)))
         for k in range(n)
     ]
-    threads[0].start()
-    time.sleep(0.05)  # let thread 0 become the leader
-    for t in threads[1:]:
-        t.start()
     for t in threads:
+        t.start()
+    for t in [holder, *threads]:
         t.join()
-    assert release.is_set()
-    assert environment.env.info()["last_txnid"] - before == 2  # 24 appends, 2 commits
+    assert all_queued.is_set()
+    assert backend.info().last_txnid - before == 2  # the held commit, then 24 appends in one
     assert all(len(backend.read_entries(i)) == 1 for i in ids)
+    release(environment)
     backend.close()
 
 
@@ -452,7 +465,7 @@ backend = LMDBBackend.open(sys.argv[1], map_size=64 << 10)
 backend.create_invocation(make_invocation("grown"))
 for index in range(300):
     backend.append_entry("grown", make_entry(index, os.urandom(8192)))
-print(backend._environment.env.info()["map_size"])
+print(backend.info().map_size)
 """
 
 

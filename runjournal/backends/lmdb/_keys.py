@@ -1,0 +1,65 @@
+"""The key layout: one LMDB database, prefixed keys, so a commit dirties few pages.
+
+- ``b"m"``: the layout marker, ``b"runjournal-lmdb/1"``
+- ``b"i" + sha256(id)`` -> invocation record
+- ``b"e" + sha256(id) + index (8 bytes, big-endian)`` -> entry record
+- ``b"s" + status letter + sha256(id)`` -> id (UTF-8), for listing by status
+
+Ids are hashed so any id fits LMDB's 511-byte key limit; every record keeps
+its full id, and a read checks it. Digests have one length, so no id's keys
+are a prefix of another id's; big-endian indexes sort in index order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from typing import Final
+
+from runjournal.journal import InvocationStatus
+
+__all__ = [
+    "INDEX_BYTES",
+    "MARKER",
+    "MARKER_KEY",
+    "STATUS_PREFIX",
+    "digest",
+    "entries_prefix",
+    "entry_key",
+    "invocation_key",
+    "status_key",
+]
+
+MARKER_KEY: Final = b"m"
+MARKER: Final = b"runjournal-lmdb/1"
+INDEX_BYTES: Final = 8
+STATUS_PREFIX: Final[Mapping[InvocationStatus, bytes]] = {
+    InvocationStatus.PENDING: b"sp",
+    InvocationStatus.COMPLETED: b"sc",
+    InvocationStatus.FAILED: b"sf",
+}
+
+
+def digest(invocation_id: str) -> bytes:
+    """The 32-byte SHA-256 of the id's UTF-8 bytes: every key of the id holds it."""
+    return hashlib.sha256(invocation_id.encode("utf-8")).digest()
+
+
+def invocation_key(hashed: bytes) -> bytes:
+    """The key of the invocation record whose id has the digest ``hashed``."""
+    return b"i" + hashed
+
+
+def entries_prefix(hashed: bytes) -> bytes:
+    """What every entry key of the invocation starts with (and no other key)."""
+    return b"e" + hashed
+
+
+def entry_key(hashed: bytes, index: int) -> bytes:
+    """The key of entry ``index`` (0 <= index < 2**64); keys sort in index order."""
+    return b"e" + hashed + index.to_bytes(INDEX_BYTES, "big")
+
+
+def status_key(status: InvocationStatus, hashed: bytes) -> bytes:
+    """The status-index key of the invocation while its status is ``status``."""
+    return STATUS_PREFIX[status] + hashed
