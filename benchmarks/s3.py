@@ -1,5 +1,7 @@
 """The S3 engine for the benchmark suite, against a moto server on 127.0.0.1.
 
+The server is :mod:`runjournal.backends.s3.testing`'s (the one the tests use).
+
 ``s3_engine(workdir)`` starts the server, creates a bucket and yields
 ``(opener, counter)``: ``opener()`` opens a new :class:`runjournal.backends.s3.S3Backend`
 client on a journal of its own (a fresh prefix, as the LMDB engine gets a
@@ -25,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from runjournal.backends.s3 import S3Backend
-from tests.s3_server import MotoS3, RequestCounter, running_moto
+from runjournal.backends.s3.testing import MotoS3, RequestCounter, running_moto
 
 __all__ = ["S3Opener", "measure_requests", "s3_engine"]
 
@@ -51,7 +53,7 @@ class S3Opener:
 
 @contextmanager
 def s3_engine(workdir: Path) -> Iterator[tuple[S3Opener, RequestCounter]]:
-    """The tests' moto S3 server on 127.0.0.1 with one bucket; yields ``(opener, counter)``.
+    """A moto S3 server on 127.0.0.1 with one bucket; yields ``(opener, counter)``.
 
     ``workdir`` is not used: moto keeps the objects in memory.
     """

@@ -46,7 +46,7 @@ def rt(backend: MemoryBackend, clock: FakeClock) -> Runtime:
 @pytest.fixture(scope="session")
 def moto() -> Iterator[Any]:
     """A moto S3 server over HTTP on 127.0.0.1, one per test session."""
-    from tests.s3_server import running_moto
+    from runjournal.backends.s3.testing import running_moto
 
     with running_moto() as server:
         yield server

@@ -1,12 +1,13 @@
 """The S3 engine against a moto server over HTTP on 127.0.0.1.
 
-The server is started once per session (tests/s3_server.py); each test works
-under a prefix of its own in a shared bucket.
+The server (runjournal.backends.s3.testing) is started once per session; each
+test works under a prefix of its own in a shared bucket. The pure pieces are
+tested alone in test_s3_keys, test_s3_segments, test_s3_errors, test_s3_known
+and test_s3_requests.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -24,11 +25,19 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from runjournal.backends import open_backend
-from runjournal.backends.s3 import MAX_PREFIX_BYTES, S3Backend, decode_id, encode_id
+from runjournal.backends.s3 import MAX_PREFIX_BYTES, S3Backend
+from runjournal.backends.s3.testing import (
+    Faults,
+    MotoS3,
+    RequestCounter,
+    error_response,
+    strip_conditional_headers,
+)
 from runjournal.context import Context, Runtime
 from runjournal.journal import (
     BackendUnavailable,
     EntryConflict,
+    InvocationNotFound,
     InvocationStatus,
     JournalBackend,
     JournalCorrupt,
@@ -42,13 +51,6 @@ from runjournal.journal.testing import (
     Opener,
     make_entry,
     make_invocation,
-)
-from tests.s3_server import (
-    Faults,
-    MotoS3,
-    RequestCounter,
-    error_response,
-    strip_conditional_headers,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -194,48 +196,12 @@ def test_the_secret_never_shows(moto: MotoS3, bucket: str) -> None:
         backend.close()
 
 
-# -- keys ----------------------------------------------------------------------------
+# -- keys (the pure encoding is tested in test_s3_keys.py) -----------------------------
 
+# Awkward ids for the round trip through a real server.
 ids = st.text(alphabet=st.characters(codec="utf-8"), min_size=1, max_size=400) | st.sampled_from(
     [*AWKWARD_IDS, "~", "~~", "~41", "A", ".", "x" * 600, "é" * 300, "a/" * 300]
 )
-
-
-@given(a=ids, b=ids)
-@settings(max_examples=300, deadline=None)
-def test_id_keys_are_injective_and_stay_inside_the_prefix(a: str, b: str) -> None:
-    for inv_id in (a, b):
-        segment = encode_id(inv_id)
-        assert "/" not in segment and segment not in (".", "..")
-        assert segment.isascii() and segment.isprintable()
-        assert len(segment) <= 512 + 2
-        decoded = decode_id(segment)
-        if decoded is None:
-            digest = hashlib.sha256(inv_id.encode("utf-8", "surrogatepass")).hexdigest()
-            assert segment == "~~" + digest
-        else:
-            assert decoded == inv_id
-    if a != b:
-        assert encode_id(a) != encode_id(b)
-
-
-def test_ids_of_300_characters() -> None:
-    assert decode_id(encode_id("x" * 300)) == "x" * 300  # readable, reversible
-    long_unicode = "ключ" * 75
-    assert encode_id(long_unicode).startswith("~~")  # too long escaped: hashed
-    assert encode_id(long_unicode) != encode_id(long_unicode[:-1])
-
-
-@given(inv_id=ids)
-@settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
-def test_every_key_fits_s3_and_its_prefix(inv_id: str) -> None:
-    tenant = "/".join(["t" * 99] * 4)  # 399 bytes, within MAX_PREFIX_BYTES
-    backend = S3Backend(object(), "bucket", tenant)
-    for key in (backend.key_of(inv_id), backend.entry_key(inv_id, 10**19)):
-        assert key.startswith(tenant + "/")
-        assert len(key.encode()) <= 1024
-        rest = key[len(tenant) + 1 :].split("/")
-        assert ".." not in rest and "." not in rest
 
 
 @given(inv_ids=st.lists(ids.filter(lambda s: "\x00" not in s), min_size=1, max_size=4, unique=True))
@@ -641,6 +607,100 @@ def test_one_put_per_step(opener: Open) -> None:
     assert counts["PutObject"] == 200 + 4 + 2 + 2
     assert counts.get("GetObject", 0) == 1  # create looks for an existing record once
     assert counter.total <= 200 + 4 + 4 + 1 + 3 + 2 + 4  # + LISTs of the first read, deletes
+
+
+def test_appends_check_that_the_invocation_exists_once_per_client(
+    opener: Open, moto: MotoS3
+) -> None:
+    counter = RequestCounter()
+    writer = opener(counter.attach(moto.client()))
+    writer.create_invocation(make_invocation("warm-up"))  # the probe, once per client
+    counter.reset()
+    # A 10-step invocation this client creates: one PUT per step, no check.
+    writer.create_invocation(make_invocation("ten"))
+    assert counter.snapshot() == {"GetObject": 1, "PutObject": 2}
+    counter.reset()
+    for index in range(10):
+        writer.append_entry("ten", make_entry(index))
+    assert counter.snapshot() == {"PutObject": 10}
+    # A client that never read it pays one HEAD of the record, on its first append only.
+    other = opener(counter.attach(moto.client()))
+    other.create_invocation(make_invocation("warm-up-2"))
+    counter.reset()
+    for index in range(10, 20):
+        other.append_entry("ten", make_entry(index))
+    assert counter.snapshot() == {"HeadObject": 1, "PutObject": 10}
+    # A client that read the record first pays nothing more.
+    reader = opener(counter.attach(moto.client()))
+    reader.create_invocation(make_invocation("warm-up-3"))
+    assert reader.get_invocation("ten") is not None
+    counter.reset()
+    for index in range(20, 25):
+        reader.append_entry("ten", make_entry(index))
+    assert counter.snapshot() == {"PutObject": 5}
+
+
+def test_a_runtime_pays_no_check_for_the_invocations_it_creates(opener: Open) -> None:
+    counter = RequestCounter()
+    backend = opener()
+    counter.attach(backend.client)
+    backend.create_invocation(make_invocation("warm-up"))  # the probe, once per client
+    costs = []
+    for n in (10, 20):
+        counter.reset()
+        _run_steps(backend, f"steps-{n}", n)
+        costs.append(counter.snapshot())
+    assert all("HeadObject" not in cost for cost in costs)
+    # Ten more steps cost ten PUTs and nothing else: one request per step.
+    extra = {op: costs[1].get(op, 0) - costs[0].get(op, 0) for op in {*costs[0], *costs[1]}}
+    assert {op: n for op, n in extra.items() if n} == {"PutObject": 10}
+
+
+def test_an_append_to_a_missing_invocation_writes_nothing(opener: Open) -> None:
+    backend = opener()
+    with pytest.raises(InvocationNotFound):
+        backend.append_entry("ghost", make_entry(0))
+    with pytest.raises(InvocationNotFound):  # not remembered as existing: checked again
+        backend.append_entry("ghost", make_entry(1))
+    assert _keys(backend, "ent/") == []
+    backend.create_invocation(make_invocation("ghost"))
+    backend.append_entry("ghost", make_entry(0))
+    assert [e.index for e in opener().read_entries("ghost")] == [0]
+
+
+def test_an_append_after_this_client_deleted_the_invocation_raises(opener: Open) -> None:
+    backend = opener(segment_every=2)
+    backend.create_invocation(make_invocation("gone"))
+    for index in range(3):
+        backend.append_entry("gone", make_entry(index))
+    assert backend.delete_invocation("gone")
+    with pytest.raises(InvocationNotFound):
+        backend.append_entry("gone", make_entry(3))
+    assert _keys(backend) == []
+
+
+def test_a_finished_invocation_stays_known(opener: Open, moto: MotoS3) -> None:
+    counter = RequestCounter()
+    backend = opener(counter.attach(moto.client()))
+    stored, _ = backend.create_invocation(make_invocation("done"))
+    backend.append_entry("done", make_entry(0))
+    backend.update_invocation(attrs.evolve(stored, status=InvocationStatus.COMPLETED))
+    counter.reset()
+    # Its entries were dropped after the final pack; that it exists was not.
+    backend.append_entry("done", make_entry(1))
+    assert counter.snapshot() == {"PutObject": 1}
+
+
+def test_a_delete_by_another_client_goes_unnoticed_by_a_client_that_knows(opener: Open) -> None:
+    """The documented limitation: checking on every append would cost a request per step."""
+    writer, deleter = opener(), opener()
+    writer.create_invocation(make_invocation("running"))
+    writer.append_entry("running", make_entry(0))
+    assert deleter.delete_invocation("running")
+    writer.append_entry("running", make_entry(1))  # lands, under a record that is gone
+    assert opener().get_invocation("running") is None
+    with pytest.raises(InvocationNotFound):
+        deleter.append_entry("running", make_entry(2))
 
 
 def test_replay_of_a_completed_200_step_journal_reads_3_objects(opener: Open, moto: MotoS3) -> None:

@@ -1,7 +1,14 @@
-"""A moto S3 server on 127.0.0.1 for the S3 engine's tests, and tools to poke at it.
+"""A moto S3 server over HTTP on 127.0.0.1 for tests and benchmarks, and tools to poke at it.
 
 Nothing here reaches the network: the server listens on 127.0.0.1, clients
-get dummy credentials, and every request goes over real HTTP to it.
+get dummy credentials, and every request goes over real HTTP to it. Needs
+moto (the ``test`` extra): import it from tests and benchmarks only; the
+engine never does.
+
+Example::
+
+    with running_moto() as server:
+        backend = S3Backend(server.client(), server.new_bucket(), owns_client=True)
 """
 
 from __future__ import annotations
@@ -20,7 +27,20 @@ import botocore.config
 import urllib3
 from botocore.awsrequest import AWSResponse
 from botocore.exceptions import ConnectionClosedError
-from moto.server import ThreadedMotoServer
+from moto.moto_server import werkzeug_app
+from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
+
+__all__ = [
+    "DUMMY_ENV",
+    "UNSET_ENV",
+    "Faults",
+    "MotoS3",
+    "RequestCounter",
+    "dummy_aws_env",
+    "error_response",
+    "running_moto",
+    "strip_conditional_headers",
+]
 
 DUMMY_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -80,21 +100,34 @@ class MotoS3:
     """A moto server on 127.0.0.1 (an OS-chosen port) with S3 conditional writes."""
 
     def __init__(self) -> None:
-        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         self.endpoint_url = ""
         self.session = boto3.session.Session()
+        self._server: BaseWSGIServer | None = None
+        self._thread: threading.Thread | None = None
 
     def start(self) -> None:
+        """Serve on a thread of its own; ``endpoint_url`` says where."""
         logging.getLogger("werkzeug").setLevel(logging.WARNING)
-        self._server.start()
-        wsgi = self._server._server  # werkzeug's server; it reads .app on every request
-        assert wsgi is not None, "ThreadedMotoServer.start() did not create its server"
-        wsgi.app = _AtomicConditionalWrites(wsgi.app)
-        host, port = self._server.get_host_and_port()
-        self.endpoint_url = f"http://{host}:{port}"
+        app = werkzeug_app.DomainDispatcherApplication(werkzeug_app.create_backend_app)
+        # moto's own handler (newer moto) keeps S3 metadata headers with underscores.
+        handler = getattr(werkzeug_app, "MotoRequestHandler", WSGIRequestHandler)
+        self._server = make_server(
+            "127.0.0.1", 0, _AtomicConditionalWrites(app), threaded=True, request_handler=handler
+        )
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="moto-s3", daemon=True
+        )
+        self._thread.start()
+        host, port = self._server.server_address[:2]
+        self.endpoint_url = f"http://{host!s}:{port}"
 
     def stop(self) -> None:
-        self._server.stop()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+        if self._thread is not None:
+            self._thread.join()
+        self._server = self._thread = None
 
     def client(self, *, pool: int = 32) -> Any:
         """A new boto3 S3 client of this server, without retries of its own."""
