@@ -22,6 +22,7 @@ __all__ = ["demo", "worker"]
 
 ORDER = {"id": 42, "email": "ada@example.com", "items": ["tea", "scones"]}
 INVOCATION = "order-42"
+WORKER = "orders-worker-1"
 
 
 def _say(text: str) -> None:
@@ -46,7 +47,9 @@ class ShippingAPI:
 
 def build_runtime(journal: str, shipping: ShippingAPI, crash_after_shipment: bool) -> Runtime:
     """The demo service: one durable handler, ``orders.process``."""
-    rt = Runtime(journal)
+    # One worker id for both processes: the second is the first one restarted, so it
+    # takes back at once what the first held (another worker would wait out its lease).
+    rt = Runtime(journal, worker_id=WORKER)
 
     @rt.handler("orders.process")
     def process_order(ctx: Context, order: dict[str, Any]) -> dict[str, Any]:
@@ -106,7 +109,7 @@ def _play(journal: str, ledger: Path) -> int:
     print("process 1 starts order-42:")
     code = run_worker("--crash")
     print(f"process 1 died (exit status {code}); the journal holds what it finished.")
-    print("process 2 runs rt.recover():")
+    print(f"process 2, the same worker ({WORKER}) restarted, runs rt.recover():")
     if run_worker() != 0:
         print("process 2 failed")
         return 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 from typing import Any
 
@@ -16,7 +17,7 @@ from runjournal.context import (
     Runtime,
     TerminalError,
 )
-from runjournal.journal import EntryConflict, InvocationStatus, JSONCodec, MsgpackCodec
+from runjournal.journal import InvocationStatus, JSONCodec, MsgpackCodec
 from tests.conftest import FakeClock
 
 calls: Counter[str] = Counter()
@@ -181,11 +182,14 @@ def test_runtime_from_url_and_default_codec() -> None:
 # -- 8. conflicts ----------------------------------------------------------------
 
 
-def test_two_workers_racing_record_exactly_one_value_per_index() -> None:
+def test_workers_racing_on_one_id_run_it_once_and_agree() -> None:
+    """Six workers invoke one id at once: one takes the lease and runs each closure,
+    the others wait for its outcome; all return the same value."""
     store = MemoryStore()
     n = 6
     barrier = threading.Barrier(n)
     outcomes: list[Any] = [None] * n
+    calls: list[int] = []
 
     def worker(i: int) -> None:
         rt = Runtime(MemoryBackend(store))
@@ -193,34 +197,31 @@ def test_two_workers_racing_record_exactly_one_value_per_index() -> None:
         @rt.handler("race")
         def race(ctx: Context, _: Any) -> int:
             def step() -> int:
-                barrier.wait(timeout=10)  # every worker executes the closure
+                calls.append(i)
+                time.sleep(0.05)  # long enough for every other worker to arrive
                 return i
 
             return ctx.run(step, name="pick") * 100  # type: ignore[no-any-return]
 
+        barrier.wait(timeout=10)
         try:
-            outcomes[i] = rt.invoke("race", None, invocation_id="shared")
-        except EntryConflict as exc:
-            outcomes[i] = exc
+            outcomes[i] = rt.invoke("race", None, invocation_id="shared", timeout=30)
+        finally:
+            rt.close()
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    winners = [o for o in outcomes if not isinstance(o, EntryConflict)]
-    assert len(winners) == 1, outcomes
+    assert len(calls) == 1, calls
+    assert outcomes == [calls[0] * 100] * n
     entries = MemoryBackend(store).read_entries("shared")
-    assert len(entries) == 1
-    assert winners[0] == int(entries[0].payload or b"") * 100
-    # The losers' next attempt replays the winner's value.
-    rt = Runtime(MemoryBackend(store))
-    rt.handler("race")(lambda ctx, _: ctx.run(lambda: -1, name="pick") * 100)
-    assert rt.invoke("race", None, invocation_id="shared") == winners[0]
+    assert [e.payload for e in entries] == [str(calls[0]).encode()]
 
 
 def _child_id(queue: Any) -> None:
-    from runjournal.context._runtime import new_invocation_id
+    from runjournal.context._ids import new_invocation_id
 
     queue.put(new_invocation_id())
 
@@ -228,7 +229,7 @@ def _child_id(queue: Any) -> None:
 def test_generated_ids_differ_between_a_process_and_its_forked_child() -> None:
     import multiprocessing
 
-    from runjournal.context._runtime import new_invocation_id
+    from runjournal.context._ids import new_invocation_id
 
     new_invocation_id()  # the parent now holds unread random bytes
     ctx = multiprocessing.get_context("fork")
@@ -244,7 +245,7 @@ def test_generated_ids_are_random_uuid4s_from_the_os(monkeypatch: pytest.MonkeyP
     import os
     import uuid
 
-    from runjournal.context._runtime import new_invocation_id
+    from runjournal.context._ids import new_invocation_id
 
     reads: list[int] = []
     real = os.urandom

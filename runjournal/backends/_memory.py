@@ -115,11 +115,11 @@ class MemoryBackend:
         with self.store.lock:
             raw = self.store.entries.get(invocation_id, {})
             items = sorted((i, b) for i, b in raw.items() if i >= start)
-        return [decode_entry(b) for _, b in items]
+        return [decode_entry(b, invocation_id) for _, b in items]
 
     def append_entry(self, invocation_id: str, entry: Entry) -> None:
         self._check_open()
-        data = encode_entry(entry)
+        data = encode_entry(entry, invocation_id)
         with self.store.lock:
             if invocation_id not in self.store.invocations:
                 raise InvocationNotFound(invocation_id)

@@ -9,15 +9,20 @@ onto it; the Runtime starts, settles and ends it through public methods.
 
 from __future__ import annotations
 
+import logging
+import random
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor
 from typing import Any
 
+import attrs
+
 from runjournal.context._cursor import ReplayCursor, describe
 from runjournal.context._errors import (
     ContextMisuseError,
+    LeaseLost,
     NonDeterminismError,
     failure_of,
     terminal_from,
@@ -30,18 +35,40 @@ from runjournal.context._futures import (
     read_decision,
 )
 from runjournal.context._options import RunOptions, resolve_options
-from runjournal.context._retry import Clock, Failed, RetryHook, Succeeded, call_with_retry
+from runjournal.context._retry import (
+    FRESH,
+    Clock,
+    Failed,
+    Resume,
+    RetryHook,
+    RetrySchedule,
+    Succeeded,
+    call_with_retry,
+)
+from runjournal.context._step import enter_step, leave_step
 from runjournal.journal import (
     Codec,
     CodecError,
     Entry,
+    EntryConflict,
     EntryKind,
+    Failure,
+    Invocation,
+    InvocationNotFound,
+    InvocationStatus,
     JournalBackend,
+    StepProgress,
+    VersionConflict,
     decode_value,
     encode_value,
 )
 
 __all__ = ["Attempt"]
+
+log = logging.getLogger("runjournal")
+
+#: The longest error message kept in a step's journaled progress.
+_ERROR_CHARS = 500
 
 
 class Attempt:
@@ -54,19 +81,22 @@ class Attempt:
 
     Args:
         backend: the journal.
-        invocation_id: the invocation being run.
+        record: the invocation's record as this worker holds it (its lease).
         recorded: the entries already journaled (replayed by index).
         handler: the handler's registered name.
         defaults: the run options a step starts from.
         clock: where retries read time and sleep.
         on_retry: called after each failed attempt of a step.
         executor: runs ``run_async`` closures (None: ``run_async`` is refused).
+        guard: raises :class:`LeaseLost` if this worker's lease no longer holds;
+            called before every ctx operation and every closure attempt.
+        rng: draws retry jitter.
     """
 
     def __init__(
         self,
         backend: JournalBackend,
-        invocation_id: str,
+        record: Invocation,
         recorded: Iterable[Entry],
         *,
         handler: str,
@@ -74,17 +104,24 @@ class Attempt:
         clock: Clock,
         on_retry: RetryHook | None = None,
         executor: Executor | None = None,
+        guard: Callable[[], None] | None = None,
+        rng: random.Random | None = None,
     ) -> None:
+        invocation_id = record.id
         self.invocation_id = invocation_id
         self.handler = handler
+        self._record = record
+        self._record_lock = threading.Lock()
+        self._guard = guard
         self._backend = backend
         self._cursor = ReplayCursor(backend, invocation_id, recorded)
         self._defaults = defaults
-        self._clock = clock
-        self._on_retry = on_retry
+        self.clock = clock
+        self.on_retry = on_retry
+        self.rng = rng
         self._max_payload = backend.capabilities.max_payload_bytes
         self._futures = FutureGroup(invocation_id, executor, self.check_usable)
-        self._owner = threading.get_ident()
+        self.owner = threading.get_ident()  # the thread running the handler
         self._closures_lock = threading.Lock()
         self._closures = 0  # closures of this attempt running now, in any thread
         self._in_closure = False  # one of them runs in the handler's thread
@@ -100,7 +137,7 @@ class Attempt:
                 "its attempt ended; a Context is valid only while its handler runs, so keep no "
                 "reference to ctx (or its futures) beyond the handler"
             )
-        if threading.get_ident() != self._owner:
+        if threading.get_ident() != self.owner:
             if self._closures:
                 raise ContextMisuseError(
                     f"{label} was called inside a run closure of invocation "
@@ -123,6 +160,17 @@ class Attempt:
         """Whether steps not yet reached are already journaled."""
         return self._cursor.is_replaying()
 
+    @property
+    def record(self) -> Invocation:
+        """The invocation's record as last read or written by this attempt."""
+        return self._record
+
+    def _may_act(self, label: str) -> None:
+        """A ctx operation that may journal or start closures: usable, and the lease holds."""
+        self.check_usable(label)
+        if self._guard is not None:
+            self._guard()
+
     # -- steps ---------------------------------------------------------------------
 
     def run(
@@ -133,13 +181,15 @@ class Attempt:
         overrides: dict[str, Any],
     ) -> Any:
         """``ctx.run``: the journaled outcome of ``fn`` (calling it if not yet journaled)."""
-        self.check_usable("ctx.run()")
+        self._may_act("ctx.run()")
         opts = resolve_options(self._defaults, options, overrides)
         index, recorded = self._cursor.reserve(EntryKind.RUN, name)
         cause = None
         if recorded is None:
-            recorded, cause = self._execute(fn, index, name, opts)
-            self._cursor.record(recorded)
+            entry, cause = self._execute(fn, index, name, opts)
+            recorded = self._journal(entry)
+            if recorded is not entry:
+                cause = None
         return self._outcome(recorded, opts.codec, cause)
 
     def run_async(
@@ -150,7 +200,7 @@ class Attempt:
         overrides: dict[str, Any],
     ) -> RunFuture[Any]:
         """``ctx.run_async``: a future of ``fn``'s journaled outcome."""
-        self.check_usable("ctx.run_async()")
+        self._may_act("ctx.run_async()")
         if not callable(fn):
             raise TypeError(
                 f"run_async {name!r}: fn must be a callable taking no arguments, got {fn!r}"
@@ -173,28 +223,29 @@ class Attempt:
         def task() -> tuple[Entry, BaseException | None]:
             entry, cause = self._execute(fn, index, name, opts)
             # The future completes only once this returns: its entry is durable.
-            self._cursor.record(entry)
-            return entry, cause
+            recorded = self._journal(entry)
+            return recorded, cause if recorded is entry else None
 
         return self._futures.start(index, name, task, outcome)
 
     def wait_first(self, futs: tuple[RunFuture[Any], ...]) -> RunFuture[Any]:
         """``ctx.wait_first``: the first future to complete, journaled."""
-        self.check_usable("ctx.wait_first()")
+        self._may_act("ctx.wait_first()")
         members = self._futures.check_members("wait_first", futs)
         index, recorded = self._cursor.reserve(EntryKind.WAIT_FIRST, None)
         if recorded is not None:
             [winner] = self._replayed(recorded, members)
             return winner
         winner = self._futures.first(members)
-        self._cursor.record(
-            decision_entry(index, EntryKind.WAIT_FIRST, _indexes(members), [winner.index])
-        )
+        entry = decision_entry(index, EntryKind.WAIT_FIRST, _indexes(members), [winner.index])
+        recorded = self._journal(entry)
+        if recorded is not entry:
+            [winner] = self._replayed(recorded, members)
         return winner
 
     def wait(self, futs: tuple[RunFuture[Any], ...]) -> Iterator[RunFuture[Any]]:
         """``ctx.wait``: the futures in completion order, journaled before any is handed out."""
-        self.check_usable("ctx.wait()")
+        self._may_act("ctx.wait()")
         members = self._futures.check_members("wait", futs)
         index, recorded = self._cursor.reserve(EntryKind.WAIT, None)
         if recorded is not None:
@@ -237,33 +288,120 @@ class Attempt:
         """End the attempt: from now on every ctx operation is refused."""
         self._ended = True
 
+    def complete(
+        self,
+        status: InvocationStatus,
+        *,
+        output: bytes | None = None,
+        failure: Failure | None = None,
+    ) -> Invocation:
+        """Record the invocation's outcome with compare-and-swap; the first finisher wins.
+
+        Returns the finished record: this attempt's, or the one another worker
+        recorded first.
+
+        Raises:
+            LeaseLost: another worker took the invocation over and has not
+                finished it.
+        """
+        while True:
+            current = self._record
+            done = attrs.evolve(
+                current,
+                status=status,
+                output=output,
+                failure=failure,
+                steps=(),
+                updated_at=time.time(),
+            )
+            try:
+                stored = self._backend.update_invocation(done)
+            except VersionConflict:
+                latest = self._reread()
+                if latest.status is not InvocationStatus.PENDING:
+                    return latest
+                continue
+            with self._record_lock:
+                self._record = stored
+            return stored
+
+    # -- the invocation record -------------------------------------------------------
+
+    def _reread(self) -> Invocation:
+        """The record as stored now; :class:`LeaseLost` if another worker holds it.
+
+        A finished record is returned whoever finished it.
+        """
+        latest = self._backend.get_invocation(self.invocation_id)
+        if latest is None:
+            raise InvocationNotFound(self.invocation_id)
+        mine = self._record.lease
+        if latest.status is InvocationStatus.PENDING and latest.lease != mine:
+            owner = latest.lease.owner if latest.lease is not None else "nobody"
+            raise LeaseLost(self.invocation_id, f"it is now held by {owner!r}")
+        with self._record_lock:
+            if latest.version > self._record.version:
+                self._record = latest
+        return latest
+
+    def _journal(self, entry: Entry) -> Entry:
+        """Append ``entry``; after a lost race, the entry recorded first.
+
+        Raises:
+            LeaseLost: the race was lost because another worker owns the
+                invocation now (this one must stop).
+        """
+        try:
+            self._cursor.record(entry)
+        except EntryConflict:
+            # A stale worker wrote this step first (it ran twice); the rightful
+            # owner adopts what was recorded, as a replay would.
+            latest = self._reread()
+            if latest.status is not InvocationStatus.PENDING:
+                raise LeaseLost(self.invocation_id, "another worker finished it") from None
+            recorded = self._cursor.fetch(entry.index, entry.kind, entry.name)
+            log.warning(
+                "invocation %r: %s at index %d was recorded first by another worker (it ran "
+                "twice); this worker goes on with the recorded outcome",
+                self.invocation_id,
+                describe(entry.kind, entry.name),
+                entry.index,
+                extra={"invocation_id": self.invocation_id, "index": entry.index},
+            )
+            return recorded
+        return entry
+
     # -- running one step ----------------------------------------------------------
 
     def _execute(
         self, fn: Callable[[], Any], index: int, name: str | None, opts: RunOptions
     ) -> tuple[Entry, BaseException | None]:
         """Call ``fn`` with retries; return the entry to journal (not yet written)
-        and, for a failure, the original error to chain to what is raised."""
+        and, for a failure, the original error to chain to what is raised.
+
+        Attempts already spent (journaled in the invocation's step progress by
+        an earlier attempt of the invocation) count against the budget.
+        """
         if not callable(fn):
             raise TypeError(f"run {name!r}: fn must be a callable taking no arguments, got {fn!r}")
-        in_owner = threading.get_ident() == self._owner
-
-        def attempt() -> Any:
-            # The attempt knows a closure runs, whatever threads it starts.
-            with self._closures_lock:
-                self._closures += 1
-                if in_owner:
-                    self._in_closure = True
-            try:
-                return fn()
-            finally:
-                with self._closures_lock:
-                    self._closures -= 1
-                    if in_owner:
-                        self._in_closure = False
-
+        progress = self._record.progress(index) if self._record.steps else None
+        if progress is None:
+            resume, first_started_at = FRESH, None
+        else:
+            first_started_at = progress.first_started_at
+            resume = Resume(
+                attempts=progress.attempts,
+                elapsed=max(0.0, time.time() - first_started_at),
+                interrupted=progress.in_flight,
+            )
+        step = _Step(self, fn, index, name, opts, first_started_at)
         outcome = call_with_retry(
-            attempt, opts, name=name, clock=self._clock, on_retry=self._on_retry
+            step.call,
+            step.make_schedule,
+            resume=resume,
+            clock=self.clock,
+            before_attempt=step.before,
+            after_failure=step.after,
         )
         codec = opts.codec
         if isinstance(outcome, Failed):
@@ -290,12 +428,50 @@ class Attempt:
         )
         return entry, None
 
+    # -- what a step asks of its attempt -------------------------------------------
+
+    def closure_starts(self, in_owner: bool) -> None:
+        """A closure of this attempt starts (in the handler's thread if ``in_owner``)."""
+        with self._closures_lock:
+            self._closures += 1
+            if in_owner:
+                self._in_closure = True
+
+    def closure_ends(self, in_owner: bool) -> None:
+        """That closure ended."""
+        with self._closures_lock:
+            self._closures -= 1
+            if in_owner:
+                self._in_closure = False
+
+    def guard_lease(self) -> None:
+        """Raise :class:`LeaseLost` unless this worker still holds the lease."""
+        if self._guard is not None:
+            self._guard()
+
+    def save_progress(self, progress: StepProgress) -> None:
+        """Make a step's progress durable on the invocation record (compare-and-swap)."""
+        while True:
+            with self._record_lock:
+                current = self._record
+            try:
+                stored = self._backend.update_invocation(
+                    attrs.evolve(current.with_progress(progress), updated_at=time.time())
+                )
+            except VersionConflict:
+                # Another step of this attempt (a future) wrote first, or a takeover.
+                self._reread()
+                continue
+            with self._record_lock:
+                if stored.version > self._record.version:
+                    self._record = stored
+            return
+
     def _encode(self, value: Any, codec: Codec, index: int, name: str | None) -> bytes:
-        where = self._where(index, name)
-        payload = encode_value(codec, value, f"{where}: result")
+        payload = encode_value(codec, value, lambda: f"{self._where(index, name)}: the result")
         if self._max_payload is not None and len(payload) > self._max_payload:
             raise CodecError(
-                f"{where}: the result encodes to {len(payload)} bytes, more "
+                f"{self._where(index, name)}: the result encodes to {len(payload)} bytes, more "
                 f"than this engine's limit of {self._max_payload}; return a reference to the "
                 "data (a key, a URL) instead of the data"
             )
@@ -309,15 +485,17 @@ class Attempt:
         """
         if entry.failure is not None:
             raise terminal_from(entry.failure) from cause
-        where = self._where(entry.index, entry.name)
         if entry.codec != codec.name:
             raise CodecError(
-                f"{where}: journaled with codec {entry.codec!r}, but the code now asks for "
-                f"{codec.name!r}; keep the codec a step was recorded with"
+                f"{self._where(entry.index, entry.name)}: journaled with codec {entry.codec!r}, "
+                f"but the code now asks for {codec.name!r}; keep the codec a step was recorded "
+                "with"
             )
         if entry.payload is None:
-            raise CodecError(f"{where}: the journaled entry has no payload")
-        return decode_value(codec, entry.payload, where)
+            raise CodecError(
+                f"{self._where(entry.index, entry.name)}: the journaled entry has no payload"
+            )
+        return decode_value(codec, entry.payload, lambda: self._where(entry.index, entry.name))
 
     def _where(self, index: int, name: str | None) -> str:
         label = repr(name) if name is not None else "<unnamed>"
@@ -326,3 +504,93 @@ class Attempt:
 
 def _indexes(slots: list[Slot]) -> list[int]:
     return [slot.future.index for slot in slots]
+
+
+class _Step:
+    """One step's closure, run with retries for an attempt: the hooks the retry loop calls."""
+
+    __slots__ = (
+        "attempt",
+        "first_started_at",
+        "fn",
+        "in_owner",
+        "index",
+        "name",
+        "opts",
+        "schedule",
+    )
+
+    def __init__(
+        self,
+        attempt: Attempt,
+        fn: Callable[[], Any],
+        index: int,
+        name: str | None,
+        opts: RunOptions,
+        first_started_at: float | None,
+    ) -> None:
+        self.attempt = attempt
+        self.fn = fn
+        self.index = index
+        self.name = name
+        self.opts = opts
+        self.in_owner = threading.get_ident() == attempt.owner
+        self.first_started_at = first_started_at
+        self.schedule: RetrySchedule | None = None
+
+    def make_schedule(self, resume: Resume) -> RetrySchedule:
+        """The step's retry state, built when first needed (a retry, a resumed step)."""
+        attempt = self.attempt
+        self.schedule = RetrySchedule(
+            self.opts,
+            name=self.name,
+            clock=attempt.clock,
+            resume=resume,
+            rng=attempt.rng,
+            on_retry=attempt.on_retry,
+            invocation_id=attempt.invocation_id,
+            index=self.index,
+        )
+        return self.schedule
+
+    def call(self, number: int) -> Any:
+        """Run the closure once, as attempt ``number``."""
+        attempt = self.attempt
+        # The attempt knows a closure runs, whatever threads it starts.
+        attempt.closure_starts(self.in_owner)
+        token = enter_step(attempt.invocation_id, self.index, self.name, number)
+        try:
+            return self.fn()
+        finally:
+            leave_step(token)
+            attempt.closure_ends(self.in_owner)
+
+    def before(self, number: int) -> None:
+        """Before attempt ``number``: no closure starts without the lease; an
+        at-most-once step's start marker is durable first."""
+        if number > 1 or not self.in_owner:  # the ctx operation just checked the lease
+            self.attempt.guard_lease()
+        if self.opts.at_most_once:
+            self.attempt.save_progress(
+                StepProgress(self.index, number, self.started(), in_flight=True)
+            )
+
+    def after(self, number: int, exc: Exception) -> None:
+        """Attempt ``number`` failed and will be retried: make that durable first."""
+        if self.opts.at_most_once:
+            return  # its start marker already counts the attempt
+        self.attempt.save_progress(
+            StepProgress(
+                self.index,
+                number,
+                self.started(),
+                last_error=Failure(type(exc).__qualname__, f"{exc}"[:_ERROR_CHARS]),
+            )
+        )
+
+    def started(self) -> float:
+        """When the first attempt started (wall clock)."""
+        if self.first_started_at is None:
+            elapsed = self.schedule.elapsed() if self.schedule is not None else 0.0
+            self.first_started_at = time.time() - elapsed
+        return self.first_started_at

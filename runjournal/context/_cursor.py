@@ -10,7 +10,7 @@ import threading
 from collections.abc import Iterable
 
 from runjournal.context._errors import NonDeterminismError
-from runjournal.journal import Entry, EntryKind, JournalBackend
+from runjournal.journal import Entry, EntryKind, JournalBackend, JournalCorrupt
 
 __all__ = ["ReplayCursor", "describe"]
 
@@ -68,3 +68,29 @@ class ReplayCursor:
         self.backend.append_entry(self.invocation_id, entry)
         with self._lock:
             self._recorded[entry.index] = entry
+
+    def fetch(self, index: int, kind: EntryKind, name: str | None) -> Entry:
+        """Read the entry another worker recorded at ``index`` (after a conflict).
+
+        Raises:
+            NonDeterminismError: it is of another kind or name.
+            JournalCorrupt: the journal said there is one, and there is none.
+        """
+        entries = self.backend.read_entries(self.invocation_id, index)
+        found = [e for e in entries if e.index == index]
+        if not found:
+            raise JournalCorrupt(
+                f"invocation {self.invocation_id!r}: appending at index {index} conflicted, "
+                "but no entry is there"
+            )
+        entry = found[0]
+        if entry.kind is not kind or entry.name != name:
+            raise NonDeterminismError(
+                self.invocation_id,
+                index,
+                recorded=describe(entry.kind, entry.name),
+                asked=describe(kind, name),
+            )
+        with self._lock:
+            self._recorded[index] = entry
+        return entry

@@ -10,7 +10,10 @@ __all__ = [
     "ContextMisuseError",
     "HandlerNotFound",
     "InvocationMismatch",
+    "InvocationTimeout",
+    "LeaseLost",
     "NonDeterminismError",
+    "StepInterrupted",
     "TerminalError",
 ]
 
@@ -32,6 +35,14 @@ class TerminalError(Exception):
         return str(self.args[0]) if self.args else ""
 
 
+class StepInterrupted(TerminalError):
+    """An at-most-once step's attempt started and never finished (the worker stopped).
+
+    Such an attempt is never run again: it counts as failed. When no retries
+    remain, the step ends with this error, journaled.
+    """
+
+
 class NonDeterminismError(RuntimeError):
     """The handler asked for a step that differs from the one journaled at that index."""
 
@@ -50,6 +61,28 @@ class NonDeterminismError(RuntimeError):
 
 class ContextMisuseError(RuntimeError):
     """A ctx operation was called where it is not allowed (inside a run closure)."""
+
+
+class LeaseLost(RuntimeError):
+    """This worker no longer holds the invocation's lease; another worker took it over.
+
+    Raised by the next ctx operation (before any closure starts) once the
+    worker could not renew its lease in time (it stalled, or the journal was
+    unreachable past its expiry) or was fenced by a takeover. It leaves the
+    invocation to its new owner and is never retried inside ``run``.
+    """
+
+    def __init__(self, invocation_id: str, why: str) -> None:
+        super().__init__(
+            f"invocation {invocation_id!r}: this worker lost its lease ({why}); another worker "
+            "runs it now, so this attempt stops without starting further steps"
+        )
+        self.invocation_id = invocation_id
+
+
+class InvocationTimeout(TimeoutError):
+    """``invoke(..., timeout=...)`` waited that long for another worker to finish the
+    invocation; it is still running there (or pending)."""
 
 
 class InvocationMismatch(ValueError):

@@ -1,14 +1,16 @@
-"""The Runtime: registers handlers, runs invocations, resumes unfinished ones."""
+"""The Runtime: registers handlers, runs invocations under leases, recovers orphans."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import importlib
 import inspect
 import logging
 import os
+import random
 import threading
 import time
-import uuid
+import weakref
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -20,17 +22,29 @@ from runjournal.context._context import Context
 from runjournal.context._errors import (
     HandlerNotFound,
     InvocationMismatch,
+    InvocationTimeout,
+    LeaseLost,
     TerminalError,
     failure_of,
     terminal_from,
 )
-from runjournal.context._options import RunOptions
+from runjournal.context._ids import new_invocation_id
+from runjournal.context._lease import (
+    RELEASED,
+    WORKER_PREFIX,
+    Held,
+    Liveness,
+    default_worker_id,
+    process_gone,
+)
+from runjournal.context._options import Duration, RunOptions, seconds
 from runjournal.context._retry import Clock, RetryHook, SystemClock
 from runjournal.journal import (
     Codec,
     Invocation,
     InvocationStatus,
     JournalBackend,
+    Lease,
     VersionConflict,
     decode_value,
     encode_value,
@@ -42,6 +56,9 @@ log = logging.getLogger("runjournal")
 
 F = TypeVar("F", bound=Callable[..., Any])
 Handler = Callable[[Context, Any], Any]
+
+#: The longest pause between two looks at an invocation another worker runs.
+_MAX_POLL = 1.0
 
 
 @attrs.frozen
@@ -57,8 +74,19 @@ class HandlerSpec:
 class RecoveryResult:
     """What :meth:`Runtime.recover` did with one pending invocation.
 
-    ``status`` is the invocation's status afterwards; ``error`` is what the
-    attempt raised (a terminal failure, or why it is still pending).
+    Attributes:
+        invocation_id: the invocation.
+        handler: its handler's name.
+        status: its status afterwards (PENDING if it was skipped, is still
+            running, or failed retryably).
+        output: its output, when it completed.
+        error: what the attempt raised (a terminal failure, or why it is
+            still pending).
+        skipped: why it was not run here (another live worker holds it, its
+            handler is not registered here, it already runs in this process),
+            or None.
+        running: it still runs in the background (``recover(timeout=...)``
+            returned before it finished).
     """
 
     invocation_id: str
@@ -66,46 +94,15 @@ class RecoveryResult:
     status: InvocationStatus
     output: Any = None
     error: BaseException | None = None
+    skipped: str | None = None
+    running: bool = False
 
 
-class _IdSource:
-    """Random (version 4) UUIDs from the OS's secure randomness, read in batches.
+@attrs.frozen
+class _Done:
+    """An invocation's outcome, as invoke returns it."""
 
-    ``uuid.uuid4()`` reads ``os.urandom`` once per id, a system call that
-    releases the GIL; with many threads invoking, each release can cost a
-    thread switch. Reading 256 ids' worth at once keeps them exactly as
-    unpredictable (they are meant as idempotency keys) at a fraction of the
-    calls. A forked child drops the parent's unread bytes, so the two never
-    hand out the same id.
-    """
-
-    BATCH = 256
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._buffer = b""
-        self._pos = 0
-        os.register_at_fork(after_in_child=self._forget)
-
-    def _forget(self) -> None:
-        self._lock = threading.Lock()
-        self._buffer, self._pos = b"", 0
-
-    def new(self) -> str:
-        with self._lock:
-            if self._pos >= len(self._buffer):
-                self._buffer, self._pos = os.urandom(16 * self.BATCH), 0
-            chunk = self._buffer[self._pos : self._pos + 16]
-            self._pos += 16
-        return uuid.UUID(bytes=chunk, version=4).hex
-
-
-_ids = _IdSource()
-
-
-def new_invocation_id() -> str:
-    """A random (version 4) UUID in hex, for invocations the caller did not name."""
-    return _ids.new()
+    value: Any
 
 
 def _open_default(url: str | Mapping[str, Any] | None) -> JournalBackend:
@@ -116,12 +113,23 @@ def _open_default(url: str | Mapping[str, Any] | None) -> JournalBackend:
     return backend
 
 
+_runtimes: weakref.WeakSet[Runtime] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for runtime in list(_runtimes):
+        runtime.after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class Runtime:
-    """Runs durable handlers against one journal.
+    """Runs durable handlers against one journal, as one worker among many.
 
     Args:
-        backend: a ready :class:`runjournal.journal.JournalBackend`; or a URL / config
-            mapping for ``runjournal.backends.open_backend``; or None for
+        backend: a ready :class:`runjournal.journal.JournalBackend`; or a URL
+            / config mapping for ``runjournal.open_backend``; or None for
             ``$RUNJOURNAL_URL``, else ``lmdb://.runjournal``. A backend the
             Runtime opened itself is closed by :meth:`close`.
         codec: the default codec of handler inputs and outputs (JSON).
@@ -131,6 +139,17 @@ class Runtime:
         max_workers: how many ``ctx.run_async`` closures run at once, over
             all invocations of this Runtime (8); more wait their turn.
             :meth:`close` waits for the running ones.
+        worker_id: this worker's name in leases; unique among live workers
+            (default: ``host/pid/random``). A worker restarted under the same
+            id takes back the invocations it held at once.
+        lease: how long a worker's leases last without a heartbeat (30 s;
+            float seconds or timedelta). Another worker takes over an
+            invocation only after its owner's lease expired. A heartbeat
+            thread renews all of this worker's leases with one write every
+            third of it, while the worker runs anything.
+        max_recoveries: how many invocations :meth:`recover` and
+            :meth:`start_recovery` run at once (8).
+        rng: draws retry jitter (seed it in tests).
     """
 
     def __init__(
@@ -142,9 +161,19 @@ class Runtime:
         clock: Clock | None = None,
         on_retry: RetryHook | None = None,
         max_workers: int = 8,
+        worker_id: str | None = None,
+        lease: Duration = 30.0,
+        max_recoveries: int = 8,
+        rng: random.Random | None = None,
     ) -> None:
-        if isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1:
-            raise ValueError(f"max_workers must be a whole number >= 1, got {max_workers!r}")
+        for label, value in (("max_workers", max_workers), ("max_recoveries", max_recoveries)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{label} must be a whole number >= 1, got {value!r}")
+        lease_seconds = seconds(lease, "lease")
+        if not lease_seconds > 0:
+            raise ValueError(f"lease must be a positive duration, got {lease!r}")
+        if worker_id is not None and (not isinstance(worker_id, str) or not worker_id):
+            raise ValueError(f"worker_id must be a non-empty str, got {worker_id!r}")
         if backend is None or isinstance(backend, (str, Mapping)):
             self.backend = _open_default(backend)
             self._owns_backend = True
@@ -153,18 +182,44 @@ class Runtime:
             self._owns_backend = False
         else:
             raise TypeError(
-                f"backend must be a journal.JournalBackend, a URL or None, got {backend!r}"
+                f"backend must be a runjournal.journal.JournalBackend, a URL or None, "
+                f"got {backend!r}"
             )
         self.options = options if options is not None else RunOptions()
         self.codec: Codec = codec if codec is not None else self.options.codec
         self.clock: Clock = clock if clock is not None else SystemClock()
         self.on_retry = on_retry
-        self._handlers: dict[str, HandlerSpec] = {}
         self.max_workers = max_workers
+        self.max_recoveries = max_recoveries
+        self.lease = lease_seconds
+        self._explicit_worker_id = worker_id is not None
+        self._rng = rng if rng is not None else random.Random()
+        self._handlers: dict[str, HandlerSpec] = {}
+        self._setup(worker_id or default_worker_id())
+        _runtimes.add(self)
+
+    def _setup(self, worker_id: str) -> None:
+        """Everything that belongs to one process (built again in a forked child)."""
+        self.worker_id = worker_id
+        self._liveness = Liveness(
+            lambda: self.backend, worker_id, self.lease, busy=lambda: bool(self._running)
+        )
         # Threads start on first use, so a Runtime without futures has none.
         self._executor = ThreadPoolExecutor(
-            max_workers=max_workers, thread_name_prefix="runjournal-future"
+            max_workers=self.max_workers, thread_name_prefix="runjournal-future"
         )
+        self._recovery_pool: ThreadPoolExecutor | None = None
+        self._running: dict[str, threading.Event] = {}
+        self._queued: set[str] = set()
+        self._lock = threading.Lock()
+        self._closing = threading.Event()
+        self._recovery_thread: threading.Thread | None = None
+
+    def after_fork(self) -> None:
+        """Called in a forked child: this process is a new worker with threads of its own."""
+        self._liveness.close()
+        worker_id = self.worker_id if self._explicit_worker_id else default_worker_id()
+        self._setup(worker_id)
 
     # -- registration ----------------------------------------------------------
 
@@ -173,6 +228,10 @@ class Runtime:
 
         The name is journaled with each invocation: keep it stable across
         deploys, or pending invocations cannot be resumed.
+
+        Raises:
+            TypeError: ``fn`` cannot be a handler (a generator function, an
+                async function, not callable).
         """
         if not isinstance(name, str) or not name:
             raise ValueError(f"a handler name must be a non-empty str, got {name!r}")
@@ -207,38 +266,159 @@ class Runtime:
         input: Any = None,
         *,
         invocation_id: str | None = None,
+        timeout: Duration | None = None,
     ) -> Any:
         """Run ``handler`` durably under ``invocation_id`` and return its output.
 
         A completed invocation returns its journaled output (or re-raises its
         terminal failure) without running the handler; a pending one replays
-        and continues.
+        and continues. If another live worker (or another thread of this one)
+        runs it now, this call waits for its outcome instead of running a
+        second copy, and takes it over if that worker's lease expires.
+
+        Args:
+            handler: the handler's registered name, or the function.
+            input: the handler's input (encoded with its codec).
+            invocation_id: the id to journal it under (default: a new uuid4).
+            timeout: the longest wait for another worker's outcome (float
+                seconds or timedelta); None waits as long as it takes.
 
         Raises:
             TerminalError: the handler failed terminally (now or before).
             InvocationMismatch: the id was used with another handler or input.
-            EntryConflict: another worker is running this invocation.
+            InvocationTimeout: ``timeout`` passed while another worker ran it.
             Exception: whatever else the handler raised; the invocation stays
                 pending for a later ``invoke`` or :meth:`recover`.
         """
         spec = self._spec(handler)
-        inv_id = invocation_id if invocation_id is not None else new_invocation_id()
+        if invocation_id is None:
+            inv_id = new_invocation_id()
+        else:
+            inv_id = invocation_id
+            if isinstance(inv_id, str) and inv_id.startswith(WORKER_PREFIX):
+                raise ValueError(
+                    f"invocation ids starting with {WORKER_PREFIX!r} are reserved for "
+                    f"runjournal's worker records; got {inv_id!r}"
+                )
         input_bytes = encode_value(spec.codec, input, f"handler {spec.name!r}: the input")
-        now = time.time()
-        stored, created = self.backend.create_invocation(
-            Invocation(
-                id=inv_id,
-                handler=spec.name,
-                input=input_bytes,
-                codec=spec.codec.name,
-                created_at=now,
-                updated_at=now,
+        deadline = None if timeout is None else time.monotonic() + seconds(timeout, "timeout")
+        return self._invoke(spec, inv_id, input_bytes, deadline)
+
+    def _invoke(
+        self, spec: HandlerSpec, inv_id: str, input_bytes: bytes, deadline: float | None
+    ) -> Any:
+        while True:
+            self._check_open()
+            done = self._local_turn(inv_id, deadline)
+            if done is None:
+                continue  # another thread of this process ran it: look again
+            try:
+                self._liveness.refresh()
+                trust = self._liveness.trust_from_now()
+                now = time.time()
+                stored, created = self.backend.create_invocation(
+                    Invocation(
+                        id=inv_id,
+                        handler=spec.name,
+                        input=input_bytes,
+                        codec=spec.codec.name,
+                        created_at=now,
+                        updated_at=now,
+                        lease=self._liveness.new_lease(),
+                    )
+                )
+                if not created:
+                    self._check_same(stored, spec, input_bytes)
+                outcome = self._take_and_run(spec, stored, fresh=created, trust=trust)
+            finally:
+                done.set()
+                with self._lock:
+                    self._running.pop(inv_id, None)
+            if isinstance(outcome, _Done):
+                return outcome.value
+            self._await_holder(inv_id, outcome, deadline)
+
+    def _local_turn(self, inv_id: str, deadline: float | None) -> threading.Event | None:
+        """Mark ``inv_id`` as run by this thread; if another thread of this process
+        runs it, wait for that to end and return None."""
+        with self._lock:
+            running = self._running.get(inv_id)
+            if running is None:
+                event = self._running[inv_id] = threading.Event()
+                return event
+        if not running.wait(_remaining(deadline)):
+            raise InvocationTimeout(
+                f"invocation {inv_id!r} is still running in another thread of this worker"
             )
-        )
-        if not created:
-            self._check_same(stored, spec, input_bytes)
-        # Nothing can be journaled yet for an invocation this call created.
-        return self._drive(spec, stored, fresh=created)
+        return None
+
+    def _take_and_run(
+        self, spec: HandlerSpec, stored: Invocation, *, fresh: bool, trust: float
+    ) -> _Done | Held:
+        """Return a finished invocation's outcome, or take its lease and run it to one.
+
+        ``trust``: until when (monotonic) a lease taken now may be trusted.
+        Returns who holds it when another live worker does.
+        """
+        if stored.status is not InvocationStatus.PENDING:
+            return _Done(self._finished(spec, stored))
+        if not fresh:
+            trust = self._liveness.trust_from_now()
+        claimed = stored if fresh else self._claim(stored)
+        if isinstance(claimed, Held):
+            return claimed
+        try:
+            return _Done(self._drive(spec, claimed, fresh=fresh, trust=trust))
+        except LeaseLost:
+            if self._closing.is_set():
+                raise
+            # Another worker took it over: its outcome is this call's outcome.
+            return Held("another worker", time.time())
+
+    def _claim(self, stored: Invocation) -> Invocation | Held:
+        """Take the lease of a pending invocation by compare-and-swap, unless another
+        live worker holds it (then say who)."""
+        me = self._liveness
+        for _ in range(16):
+            if stored.status is not InvocationStatus.PENDING:
+                return stored
+            lease = stored.lease
+            # A lease of this worker id (an earlier attempt, or an earlier life of
+            # this worker) is taken back at once; another worker's only once void.
+            if lease is not None and lease.owner != me.worker_id:
+                held = None if _idle_here(lease, stored.id) else me.holder(lease)
+                if held is not None:
+                    return held
+            epoch = lease.epoch + 1 if lease is not None else 1
+            taken = attrs.evolve(stored, updated_at=time.time(), lease=me.new_lease(epoch))
+            try:
+                return self.backend.update_invocation(taken)
+            except VersionConflict:
+                latest = self.backend.get_invocation(stored.id)
+                if latest is None:
+                    raise LookupError(f"invocation {stored.id!r} was deleted") from None
+                stored = latest
+        raise LeaseLost(stored.id, "its record kept changing while this worker tried to take it")
+
+    def _await_holder(self, inv_id: str, held: Held, deadline: float | None) -> None:
+        """Wait until another worker's invocation finishes or its lease lapses."""
+        pause = 0.02
+        while True:
+            stored = self.backend.get_invocation(inv_id)
+            if stored is None or stored.status is not InvocationStatus.PENDING:
+                return
+            if time.time() >= held.until:
+                return  # its lease may have lapsed: look again, and take it if so
+            remaining = _remaining(deadline)
+            if remaining is not None and remaining <= 0:
+                raise InvocationTimeout(
+                    f"invocation {inv_id!r} is still running on worker {held.owner!r}; "
+                    "it goes on there (invoke again to wait more)"
+                )
+            pause = min(pause * 2, _MAX_POLL, self.lease / 4)
+            wait = pause if remaining is None else min(pause, remaining)
+            if self._closing.wait(max(wait, 0.0)):
+                self._check_open()
 
     def _check_same(self, stored: Invocation, spec: HandlerSpec, input_bytes: bytes) -> None:
         if stored.handler != spec.name:
@@ -253,32 +433,46 @@ class Runtime:
                 "(or with rt.recover())"
             )
 
-    def _drive(self, spec: HandlerSpec, stored: Invocation, *, fresh: bool = False) -> Any:
-        """Return a finished invocation's outcome, or run it to one.
+    def _drive(self, spec: HandlerSpec, claimed: Invocation, *, fresh: bool, trust: float) -> Any:
+        """Run a pending invocation whose lease this worker holds, to its outcome.
 
         ``fresh``: the invocation was just created, so no entries are read.
+        ``trust``: until when (monotonic) its lease holds without a renewal.
         """
-        if stored.status is not InvocationStatus.PENDING:
-            return self._finished(spec, stored)
-        recorded = [] if fresh else self.backend.read_entries(stored.id)
+        assert claimed.lease is not None
+        incarnation = claimed.lease.incarnation
+        inv_id = claimed.id
+
+        def guard() -> None:
+            if self._closing.is_set():
+                raise LeaseLost(inv_id, "this Runtime is closing")
+            self._liveness.check(incarnation, trust, inv_id)
+
+        recorded = [] if fresh else self.backend.read_entries(inv_id)
         attempt = Attempt(
             self.backend,
-            stored.id,
+            claimed,
             recorded,
             handler=spec.name,
             defaults=self.options,
             clock=self.clock,
             on_retry=self.on_retry,
             executor=self._executor,
+            guard=guard,
+            rng=self._rng,
         )
+        self._liveness.start()
         try:
-            return self._run_attempt(spec, stored, attempt)
+            return self._run_attempt(spec, attempt)
         finally:
             attempt.end()
 
-    def _run_attempt(self, spec: HandlerSpec, stored: Invocation, attempt: Attempt) -> Any:
-        where = f"handler {spec.name!r} (invocation {stored.id!r})"
-        input_value = decode_value(spec.codec, stored.input, f"{where}: the journaled input")
+    def _run_attempt(self, spec: HandlerSpec, attempt: Attempt) -> Any:
+        inv_id = attempt.invocation_id
+        where = f"handler {spec.name!r} (invocation {inv_id!r})"
+        input_value = decode_value(
+            spec.codec, attempt.record.input, f"{where}: the journaled input"
+        )
         # An invocation ends only once every future it started is journaled
         # (or has failed), whatever the handler did: a completed invocation is
         # never replayed, so a side effect still running would be lost.
@@ -286,10 +480,16 @@ class Runtime:
             result = spec.fn(Context(attempt), input_value)
         except TerminalError as exc:
             attempt.settle(strict=False)
-            done = self._complete(stored, status=InvocationStatus.FAILED, failure=failure_of(exc))
+            done = attempt.complete(InvocationStatus.FAILED, failure=failure_of(exc))
             return self._finished(spec, done, cause=exc)
+        except LeaseLost:
+            attempt.settle(strict=False)
+            if self._closing.is_set():  # still ours: hand it to the other workers now
+                self._release(attempt)
+            raise
         except Exception:
             attempt.settle(strict=False)
+            self._release(attempt)
             raise
         except BaseException:
             attempt.abandon()
@@ -298,22 +498,21 @@ class Runtime:
         output = encode_value(
             spec.codec, result, f"{where}: the output (the invocation stays pending)"
         )
-        done = self._complete(stored, status=InvocationStatus.COMPLETED, output=output)
+        done = attempt.complete(InvocationStatus.COMPLETED, output=output)
         return self._finished(spec, done)
 
-    def _complete(self, stored: Invocation, **outcome: Any) -> Invocation:
-        """Record the outcome with compare-and-swap; the first finisher wins."""
-        current = stored
-        while True:
-            try:
-                return self.backend.update_invocation(
-                    attrs.evolve(current, updated_at=time.time(), **outcome)
-                )
-            except VersionConflict:
-                latest = self.backend.get_invocation(stored.id)
-                if latest is None or latest.status is not InvocationStatus.PENDING:
-                    return latest or current
-                current = latest
+    def _release(self, attempt: Attempt) -> None:
+        """Give up the lease of an invocation left pending, so any worker may resume it."""
+        record = attempt.record
+        if record.lease is None:
+            return
+        released = attrs.evolve(record.lease, incarnation=RELEASED, expires_at=0.0)
+        try:
+            self.backend.update_invocation(
+                attrs.evolve(record, updated_at=time.time(), lease=released)
+            )
+        except Exception as exc:  # the lease lapses by itself anyway
+            log.info("invocation %r: could not release its lease: %s", record.id, exc)
 
     def _finished(
         self, spec: HandlerSpec, inv: Invocation, cause: BaseException | None = None
@@ -326,44 +525,184 @@ class Runtime:
             spec.codec, inv.output, f"handler {spec.name!r} (invocation {inv.id!r}): the output"
         )
 
-    def resume(self, invocation_id: str) -> Any:
-        """Continue a journaled invocation with its journaled input."""
+    def resume(self, invocation_id: str, *, timeout: Duration | None = None) -> Any:
+        """Continue a journaled invocation with its journaled input (see :meth:`invoke`)."""
         stored = self.backend.get_invocation(invocation_id)
         if stored is None:
             raise LookupError(f"no invocation {invocation_id!r} in this journal")
-        return self._drive(self._spec(stored.handler), stored)
+        deadline = None if timeout is None else time.monotonic() + seconds(timeout, "timeout")
+        return self._invoke(self._spec(stored.handler), stored.id, stored.input, deadline)
 
-    def recover(self) -> list[RecoveryResult]:
-        """Resume every pending invocation whose handler is registered here.
+    # -- recovery ------------------------------------------------------------------
 
-        Each is resumed with its journaled input; a failure of one does not
-        stop the others. Invocations of handlers not registered on this
-        Runtime are left alone (another service may own them).
+    def recover(self, *, timeout: Duration | None = None) -> list[RecoveryResult]:
+        """Resume the pending invocations no live worker holds, concurrently.
+
+        Takes only invocations whose lease has expired (or that this worker
+        id holds), whose handler is registered here; each runs with its
+        journaled input on this Runtime's recovery threads
+        (``max_recoveries`` at once), and a failure of one does not stop the
+        others.
+
+        Args:
+            timeout: the longest wait for them to finish; those still running
+                then go on in the background (reported ``running=True``).
+                None waits for all: a service starting up should pass a
+                timeout (or 0), or use :meth:`start_recovery`, so one stuck
+                invocation does not hold up its start.
+
+        Returns:
+            One result per pending invocation of a handler registered here,
+            in id order: run here (completed, failed, still pending with the
+            error, or running), or skipped and why (a live worker holds it,
+            it already runs in this process). Invocations of handlers not
+            registered here belong to other services and are left out.
         """
-        results = []
+        self._check_open()
+        limit = None if timeout is None else seconds(timeout, "timeout")
+        results: dict[str, RecoveryResult] = {}
+        started: dict[concurrent.futures.Future[RecoveryResult], Invocation] = {}
+        for stored, skipped in self._orphans():
+            if skipped is not None:
+                results[stored.id] = _skipped(stored, skipped)
+            else:
+                started[self._submit_recovery(stored)] = stored
+        done, _ = concurrent.futures.wait(started, timeout=limit)
+        for fut, stored in started.items():
+            if fut in done:
+                results[stored.id] = fut.result()
+            else:
+                results[stored.id] = RecoveryResult(
+                    stored.id, stored.handler, InvocationStatus.PENDING, running=True
+                )
+        return [results[i] for i in sorted(results)]
+
+    def start_recovery(self, interval: Duration | None = None) -> None:
+        """Keep taking over orphaned invocations in a background thread, until :meth:`close`.
+
+        Every ``interval`` (default: a third of the lease) it looks for pending
+        invocations whose owner's lease expired and runs them, as
+        :meth:`recover` does, without waiting for them. Calling it again
+        changes nothing.
+        """
+        self._check_open()
+        every = self.lease / 3 if interval is None else seconds(interval, "interval")
+        if not every > 0:
+            raise ValueError(f"interval must be a positive duration, got {interval!r}")
+        with self._lock:
+            if self._recovery_thread is not None:
+                return
+            thread = threading.Thread(
+                target=self._recovery_loop,
+                args=(every,),
+                name=f"runjournal-recovery-{self.worker_id}",
+                daemon=True,
+            )
+            self._recovery_thread = thread
+        thread.start()
+
+    def _recovery_loop(self, every: float) -> None:
+        while not self._closing.is_set():
+            try:
+                for stored, skipped in self._orphans():
+                    if skipped is None:
+                        self._submit_recovery(stored)
+            except Exception:  # the loop must outlive a journal hiccup
+                log.exception("recovery pass of worker %r failed", self.worker_id)
+            self._closing.wait(every)
+
+    def _orphans(self) -> list[tuple[Invocation, str | None]]:
+        """Pending invocations of handlers registered here, each with why it must be
+        skipped (None: take it)."""
+        found = []
+        now = time.time()
         for inv_id in list(self.backend.list_invocations(InvocationStatus.PENDING)):
             stored = self.backend.get_invocation(inv_id)
             if stored is None or stored.status is not InvocationStatus.PENDING:
                 continue
             if stored.handler not in self._handlers:
-                log.info("recover: skipping %r of unknown handler %r", inv_id, stored.handler)
+                log.debug(
+                    "recover: leaving %r alone: handler %r is not registered here",
+                    inv_id,
+                    stored.handler,
+                    extra={"invocation_id": inv_id, "handler": stored.handler},
+                )
                 continue
+            found.append((stored, self._why_skip(stored, now)))
+        return found
+
+    def _why_skip(self, stored: Invocation, now: float) -> str | None:
+        with self._lock:
+            if stored.id in self._running or stored.id in self._queued:
+                return "it is already running in this worker"
+        lease = stored.lease
+        if (
+            lease is not None
+            and lease.owner != self.worker_id
+            and now < lease.expires_at
+            and lease.incarnation != RELEASED
+            and not _idle_here(lease, stored.id)
+            and not process_gone(lease.owner)
+        ):
+            return f"worker {lease.owner!r} holds it (lease until {_when(lease.expires_at)})"
+        return None
+
+    def _submit_recovery(self, stored: Invocation) -> concurrent.futures.Future[RecoveryResult]:
+        with self._lock:
+            if self._recovery_pool is None:
+                self._recovery_pool = ThreadPoolExecutor(
+                    max_workers=self.max_recoveries, thread_name_prefix="runjournal-recovery"
+                )
+            self._queued.add(stored.id)
+            pool = self._recovery_pool
+        return pool.submit(self._recover_one, stored)
+
+    def _recover_one(self, stored: Invocation) -> RecoveryResult:
+        inv_id, handler = stored.id, stored.handler
+        try:
+            with self._lock:
+                self._queued.discard(inv_id)
+                if inv_id in self._running:
+                    return _skipped(stored, "it is already running in this worker")
+                done = self._running[inv_id] = threading.Event()
             try:
-                output = self._drive(self._handlers[stored.handler], stored)
-            except TerminalError as exc:
-                results.append(
-                    RecoveryResult(inv_id, stored.handler, InvocationStatus.FAILED, error=exc)
+                self._liveness.refresh()
+                latest = self.backend.get_invocation(inv_id)
+                if latest is None:
+                    return _skipped(stored, "it was deleted")
+                outcome = self._take_and_run(
+                    self._handlers[handler], latest, fresh=False, trust=float("-inf")
                 )
-            except Exception as exc:
-                log.warning("recover: %r is still pending: %s: %s", inv_id, type(exc).__name__, exc)
-                results.append(
-                    RecoveryResult(inv_id, stored.handler, InvocationStatus.PENDING, error=exc)
-                )
-            else:
-                results.append(
-                    RecoveryResult(inv_id, stored.handler, InvocationStatus.COMPLETED, output)
-                )
-        return results
+            finally:
+                done.set()
+                with self._lock:
+                    self._running.pop(inv_id, None)
+        except TerminalError as exc:
+            return RecoveryResult(inv_id, handler, InvocationStatus.FAILED, error=exc)
+        except Exception as exc:
+            log.warning(
+                "recover: %r is still pending: %s: %s",
+                inv_id,
+                type(exc).__name__,
+                exc,
+                extra={"invocation_id": inv_id, "handler": handler},
+            )
+            return RecoveryResult(inv_id, handler, InvocationStatus.PENDING, error=exc)
+        if isinstance(outcome, Held):
+            return _skipped(stored, f"worker {outcome.owner!r} holds it")
+        return RecoveryResult(inv_id, handler, InvocationStatus.COMPLETED, outcome.value)
+
+    # -- looking -------------------------------------------------------------------
+
+    @property
+    def incarnation(self) -> int:
+        """This worker's current incarnation: leases it takes now carry it."""
+        return self._liveness.incarnation
+
+    def runs(self, invocation_id: str) -> bool:
+        """Whether this Runtime is running (or about to run) that invocation now."""
+        with self._lock:
+            return invocation_id in self._running or invocation_id in self._queued
 
     def status(self, invocation_id: str) -> InvocationStatus | None:
         """The stored status of an invocation, or None if there is none."""
@@ -372,10 +711,29 @@ class Runtime:
 
     # -- lifecycle --------------------------------------------------------------
 
+    def _check_open(self) -> None:
+        if self._closing.is_set():
+            raise RuntimeError("this Runtime is closed")
+
     def close(self) -> None:
-        """Wait for running futures, stop the executor, and close the backend if
-        this Runtime opened it."""
+        """Stop taking work and end this worker's leases, so others can take over at once.
+
+        Running attempts stop at their next ctx operation (:class:`LeaseLost`);
+        running closures and futures are waited for. Closes the backend if
+        this Runtime opened it. Idempotent.
+        """
+        if self._closing.is_set():
+            return
+        self._closing.set()
+        thread = self._recovery_thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+        with self._lock:
+            pool = self._recovery_pool
+        if pool is not None:
+            pool.shutdown(wait=True)
         self._executor.shutdown(wait=True)
+        self._liveness.release()
         if self._owns_backend:
             self.backend.close()
 
@@ -384,6 +742,29 @@ class Runtime:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _idle_here(lease: Lease, invocation_id: str) -> bool:
+    """Whether ``lease`` was taken by a Runtime of this process that is not running the
+    invocation (its attempt ended without releasing it: a simulated crash, say)."""
+    return any(
+        rt.worker_id == lease.owner
+        and rt.incarnation == lease.incarnation
+        and not rt.runs(invocation_id)
+        for rt in list(_runtimes)
+    )
+
+
+def _remaining(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+def _when(wall: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(wall))
+
+
+def _skipped(stored: Invocation, why: str) -> RecoveryResult:
+    return RecoveryResult(stored.id, stored.handler, InvocationStatus.PENDING, skipped=why)
 
 
 def _check_handler(name: str, fn: object) -> None:

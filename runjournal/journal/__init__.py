@@ -15,13 +15,22 @@ from runjournal.journal._errors import (
 )
 from runjournal.journal._format import (
     FORMAT_VERSION,
+    READABLE_VERSIONS,
     decode_entry,
     decode_invocation,
     encode_entry,
     encode_invocation,
 )
 from runjournal.journal._protocol import Capabilities, JournalBackend
-from runjournal.journal._records import Entry, EntryKind, Failure, Invocation, InvocationStatus
+from runjournal.journal._records import (
+    Entry,
+    EntryKind,
+    Failure,
+    Invocation,
+    InvocationStatus,
+    Lease,
+    StepProgress,
+)
 
 __all__ = [
     "FORMAT_VERSION",
@@ -41,7 +50,10 @@ __all__ = [
     "JournalBackend",
     "JournalCorrupt",
     "JournalError",
+    "Lease",
     "MsgpackCodec",
+    "READABLE_VERSIONS",
+    "StepProgress",
     "TransientError",
     "VersionConflict",
     "decode_entry",

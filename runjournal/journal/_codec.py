@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
 import msgpack
@@ -85,7 +86,7 @@ class MsgpackCodec:
         return "MsgpackCodec()"
 
 
-def encode_value(codec: Codec, value: Any, what: str) -> bytes:
+def encode_value(codec: Codec, value: Any, what: str | Callable[[], str]) -> bytes:
     """``codec.encode(value)``, with every failure a :class:`CodecError` naming ``what``.
 
     The one place values meet codecs on the way in: a user codec may raise
@@ -95,29 +96,37 @@ def encode_value(codec: Codec, value: Any, what: str) -> bytes:
         codec: the codec to use.
         value: the value to encode.
         what: what the value is, for the message (e.g. ``"run 'charge'
-            (invocation 'order-42', index 3): the result"``).
+            (invocation 'order-42', index 3): the result"``), or a function
+            returning it (called only on failure).
     """
     try:
         data = codec.encode(value)
     except Exception as exc:
-        raise CodecError(f"{what} cannot be journaled: {_reason(codec, exc, value)}") from exc
+        raise CodecError(
+            f"{_text(what)} cannot be journaled: {_reason(codec, exc, value)}"
+        ) from exc
     if not isinstance(data, bytes):
         raise CodecError(
-            f"{what} cannot be journaled: codec {codec.name!r} returned "
+            f"{_text(what)} cannot be journaled: codec {codec.name!r} returned "
             f"{type(data).__name__}, not bytes"
         )
     return data
 
 
-def decode_value(codec: Codec, data: bytes, what: str) -> Any:
-    """``codec.decode(data)``, with every failure a :class:`CodecError` naming ``what``."""
+def decode_value(codec: Codec, data: bytes, what: str | Callable[[], str]) -> Any:
+    """``codec.decode(data)``, with every failure a :class:`CodecError` naming ``what``
+    (a string, or a function returning it)."""
     try:
         return codec.decode(data)
     except Exception as exc:
         raise CodecError(
-            f"{what} cannot be read back from the journal ({len(data)} bytes): "
+            f"{_text(what)} cannot be read back from the journal ({len(data)} bytes): "
             f"{_reason(codec, exc)}"
         ) from exc
+
+
+def _text(what: str | Callable[[], str]) -> str:
+    return what if isinstance(what, str) else what()
 
 
 def _reason(codec: Codec, exc: Exception, value: Any = None) -> str:

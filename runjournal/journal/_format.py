@@ -9,6 +9,13 @@ slot per field, in declaration order, so a record costs no field names.
 Anything that does not decode to a well-typed record raises
 :class:`JournalCorrupt`; no other exception escapes :func:`decode_entry` or
 :func:`decode_invocation`.
+
+Version 2 (written since runjournal 0.2) adds to an invocation its lease
+(``[owner, incarnation, epoch, expires_at]`` or nil) and the progress of its
+unfinished steps (``[[index, attempts, first_started_at, in_flight,
+last_error], ...]``); and to an entry the CRC-32 of the id of the invocation
+it was written for, so an entry read under another invocation is caught.
+Version 1 records still decode (no lease, no progress, no binding).
 """
 
 from __future__ import annotations
@@ -20,7 +27,15 @@ from typing import Any, Final
 import msgpack
 
 from runjournal.journal._errors import JournalCorrupt
-from runjournal.journal._records import Entry, EntryKind, Failure, Invocation, InvocationStatus
+from runjournal.journal._records import (
+    Entry,
+    EntryKind,
+    Failure,
+    Invocation,
+    InvocationStatus,
+    Lease,
+    StepProgress,
+)
 
 __all__ = [
     "FORMAT_VERSION",
@@ -31,7 +46,8 @@ __all__ = [
 ]
 
 MAGIC: Final = b"RJ"
-FORMAT_VERSION: Final = 1
+FORMAT_VERSION: Final = 2
+READABLE_VERSIONS: Final = frozenset({1, 2})
 _INVOCATION: Final = ord("I")
 _ENTRY: Final = ord("E")
 _HEADER: Final = len(MAGIC) + 2
@@ -44,7 +60,7 @@ def _frame(kind: int, body: list[Any]) -> bytes:
     return data + _CRC.pack(zlib.crc32(data))
 
 
-def _unframe(data: bytes, kind: int, what: str) -> list[Any]:
+def _unframe(data: bytes, kind: int, what: str) -> tuple[int, list[Any]]:
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise JournalCorrupt(f"{what} record: expected bytes, got {type(data).__name__}")
     data = bytes(data)
@@ -52,10 +68,11 @@ def _unframe(data: bytes, kind: int, what: str) -> list[Any]:
         raise JournalCorrupt(f"{what} record: truncated ({len(data)} bytes)")
     if data[:2] != MAGIC:
         raise JournalCorrupt(f"{what} record: bad magic {data[:2]!r}; not a runjournal record")
-    if data[2] != FORMAT_VERSION:
+    if data[2] not in READABLE_VERSIONS:
         raise JournalCorrupt(
             f"{what} record: format version {data[2]} is not supported "
-            f"(this runjournal reads version {FORMAT_VERSION}); upgrade runjournal"
+            f"(this runjournal reads versions {', '.join(map(str, sorted(READABLE_VERSIONS)))})"
+            "; upgrade runjournal"
         )
     if data[3] != kind:
         raise JournalCorrupt(f"{what} record: record type {data[3]!r} is not {what}")
@@ -68,7 +85,7 @@ def _unframe(data: bytes, kind: int, what: str) -> list[Any]:
         raise JournalCorrupt(f"{what} record: body is not valid msgpack ({exc})") from exc
     if not isinstance(body, list):
         raise JournalCorrupt(f"{what} record: body is not an array")
-    return body
+    return data[2], body
 
 
 def _typed(value: Any, types: type | tuple[type, ...], field: str) -> Any:
@@ -94,8 +111,65 @@ def _number(value: Any, field: str) -> float:
     return float(_typed(value, (int, float), field))
 
 
+def _encode_lease(lease: Lease | None) -> list[Any] | None:
+    if lease is None:
+        return None
+    return [lease.owner, lease.incarnation, lease.epoch, lease.expires_at]
+
+
+def _decode_lease(value: Any) -> Lease | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or len(value) != 4:
+        raise JournalCorrupt("field 'lease' is not an [owner, incarnation, epoch, expiry] array")
+    return Lease(
+        owner=_typed(value[0], str, "lease.owner"),
+        incarnation=_typed(value[1], int, "lease.incarnation"),
+        epoch=_typed(value[2], int, "lease.epoch"),
+        expires_at=_number(value[3], "lease.expires_at"),
+    )
+
+
+def _encode_steps(steps: tuple[StepProgress, ...]) -> list[list[Any]]:
+    return [
+        [
+            step.index,
+            step.attempts,
+            step.first_started_at,
+            int(step.in_flight),
+            _encode_failure(step.last_error),
+        ]
+        for step in steps
+    ]
+
+
+def _decode_steps(value: Any) -> tuple[StepProgress, ...]:
+    if not isinstance(value, list):
+        raise JournalCorrupt("field 'steps' is not an array")
+    steps = []
+    for item in value:
+        if not isinstance(item, list) or len(item) != 5:
+            raise JournalCorrupt("field 'steps' holds an item that is not a 5-slot array")
+        in_flight = _typed(item[3], int, "steps.in_flight")
+        if in_flight not in (0, 1):
+            raise JournalCorrupt(f"field 'steps.in_flight' is {in_flight}, not 0 or 1")
+        steps.append(
+            StepProgress(
+                index=_typed(item[0], int, "steps.index"),
+                attempts=_typed(item[1], int, "steps.attempts"),
+                first_started_at=_number(item[2], "steps.first_started_at"),
+                in_flight=bool(in_flight),
+                last_error=_decode_failure(item[4]),
+            )
+        )
+    indexes = [step.index for step in steps]
+    if indexes != sorted(set(indexes)):
+        raise JournalCorrupt("field 'steps' is not sorted by distinct index")
+    return tuple(steps)
+
+
 def encode_invocation(inv: Invocation) -> bytes:
-    """Serialise an invocation record."""
+    """Serialise an invocation record (format version 2)."""
     return _frame(
         _INVOCATION,
         [
@@ -109,19 +183,27 @@ def encode_invocation(inv: Invocation) -> bytes:
             inv.created_at,
             inv.updated_at,
             inv.version,
+            _encode_lease(inv.lease),
+            _encode_steps(inv.steps),
         ],
     )
 
 
+_INVOCATION_FIELDS: Final = {1: 10, 2: 12}
+
+
 def decode_invocation(data: bytes) -> Invocation:
-    """Parse an invocation record.
+    """Parse an invocation record of any readable format version.
 
     Raises:
         JournalCorrupt: the bytes are not a valid invocation record.
     """
-    body = _unframe(data, _INVOCATION, "invocation")
-    if len(body) != 10:
-        raise JournalCorrupt(f"invocation record: {len(body)} fields, expected 10")
+    version, body = _unframe(data, _INVOCATION, "invocation")
+    expected = _INVOCATION_FIELDS[version]
+    if len(body) != expected:
+        raise JournalCorrupt(
+            f"invocation record: {len(body)} fields, expected {expected} (format {version})"
+        )
     try:
         status = InvocationStatus(body[4])
     except ValueError as exc:
@@ -138,13 +220,27 @@ def decode_invocation(data: bytes) -> Invocation:
             created_at=_number(body[7], "created_at"),
             updated_at=_number(body[8], "updated_at"),
             version=_typed(body[9], int, "version"),
+            lease=_decode_lease(body[10]) if version >= 2 else None,
+            steps=_decode_steps(body[11]) if version >= 2 else (),
         )
     except ValueError as exc:  # attrs validators
         raise JournalCorrupt(f"invocation record: {exc}") from exc
 
 
-def encode_entry(entry: Entry) -> bytes:
-    """Serialise an entry record."""
+def binding(invocation_id: str) -> int:
+    """The CRC-32 of an invocation id, stored in each of its entries (format 2)."""
+    return zlib.crc32(invocation_id.encode("utf-8", "surrogatepass"))
+
+
+def encode_entry(entry: Entry, invocation_id: str | None = None) -> bytes:
+    """Serialise an entry record (format version 2).
+
+    Args:
+        entry: the entry.
+        invocation_id: the invocation it belongs to; its checksum is stored,
+            so :func:`decode_entry` given another id raises JournalCorrupt.
+            Engines should pass it (None stores no binding).
+    """
     return _frame(
         _ENTRY,
         [
@@ -156,23 +252,34 @@ def encode_entry(entry: Entry) -> bytes:
             _encode_failure(entry.failure),
             entry.created_at,
             entry.attempts,
+            None if invocation_id is None else binding(invocation_id),
         ],
     )
 
 
 _KINDS: Final = {kind.value: kind for kind in EntryKind}
+_ENTRY_FIELDS: Final = {1: 8, 2: 9}
 
 
-def decode_entry(data: bytes) -> Entry:
-    """Parse an entry record.
+def decode_entry(data: bytes, invocation_id: str | None = None) -> Entry:
+    """Parse an entry record of any readable format version.
+
+    Args:
+        data: the record's bytes.
+        invocation_id: the invocation it was read under; when given and the
+            record carries a binding (format 2), they must agree.
 
     Raises:
-        JournalCorrupt: the bytes are not a valid entry record.
+        JournalCorrupt: the bytes are not a valid entry record, or the entry
+            belongs to another invocation.
     """
-    body = _unframe(data, _ENTRY, "entry")
-    if len(body) != 8:
-        raise JournalCorrupt(f"entry record: {len(body)} fields, expected 8")
-    index, kind, name, payload, codec, failure, created_at, attempts = body
+    version, body = _unframe(data, _ENTRY, "entry")
+    expected = _ENTRY_FIELDS[version]
+    if len(body) != expected:
+        raise JournalCorrupt(
+            f"entry record: {len(body)} fields, expected {expected} (format {version})"
+        )
+    index, kind, name, payload, codec, failure, created_at, attempts = body[:8]
     # Replay decodes every entry, so the checks are inline rather than per-field calls.
     if type(index) is not int or index < 0:
         raise JournalCorrupt(f"entry record: bad index {index!r}")
@@ -188,6 +295,15 @@ def decode_entry(data: bytes) -> Entry:
         raise JournalCorrupt(f"entry record: field 'codec' has type {type(codec).__name__}")
     if type(attempts) is not int:
         raise JournalCorrupt(f"entry record: field 'attempts' has type {type(attempts).__name__}")
+    if version >= 2:
+        bound = body[8]
+        if bound is not None and type(bound) is not int:
+            raise JournalCorrupt(f"entry record: field 'binding' has type {type(bound).__name__}")
+        if bound is not None and invocation_id is not None and bound != binding(invocation_id):
+            raise JournalCorrupt(
+                f"entry record at index {index} was written for another invocation than "
+                f"{invocation_id!r} (its binding does not match)"
+            )
     return Entry(
         index,
         entry_kind,
