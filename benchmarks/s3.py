@@ -20,6 +20,8 @@ production. The request counts carry over.
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -28,6 +30,7 @@ from typing import Any
 
 from runjournal.backends.s3 import S3Backend
 from runjournal.backends.s3.testing import MotoS3, RequestCounter, running_moto
+from runjournal.context._lease import HEARTBEAT
 
 __all__ = ["S3Opener", "measure_requests", "s3_engine"]
 
@@ -105,12 +108,59 @@ def measure_requests(opener: S3Opener, counter: RequestCounter) -> dict[str, flo
     read_completed = counter.total
     again.close()
     assert len(entries) == STEPS
+    one, many = (measure_heartbeat(opener, counter, held=n) for n in (1, 20))
     return {
+        "heartbeat_requests_per_renewal_holding_1": one,
+        "heartbeat_requests_per_renewal_holding_20": many,
+        # A renewal every third of the lease: 6 a minute at the default 30 s.
+        "heartbeat_requests_per_minute_default_lease": many * 60 / (30 * HEARTBEAT),
         "w1_requests_per_step": w1 / STEPS,
         "w2_requests_per_step": w2 / (W2_INVOCATIONS * W2_STEPS),
         "w3_requests_replay_1000_and_complete": replay,
         "requests_read_completed_1000": read_completed,
     }
+
+
+def measure_heartbeat(
+    opener: S3Opener, counter: RequestCounter, *, held: int, lease: float = 0.6
+) -> float:
+    """S3 requests per heartbeat of one worker holding ``held`` invocations.
+
+    ``held`` invocations block inside a step while the worker's heartbeat runs
+    for five leases; every request in that window is the heartbeat's (the
+    first renewal creates the liveness record, the others update it).
+    """
+    from runjournal.context import Context, Runtime
+
+    backend = opener()
+    runtime = Runtime(backend, lease=lease)
+    entered = threading.Semaphore(0)
+    release = threading.Event()
+
+    @runtime.handler("bench.hold")
+    def hold(ctx: Context, n: int) -> int:
+        def block() -> int:
+            entered.release()
+            release.wait(60)
+            return n
+
+        return ctx.run(block, name="hold")
+
+    threads = [threading.Thread(target=runtime.invoke, args=("bench.hold", n)) for n in range(held)]
+    for thread in threads:
+        thread.start()
+    for _ in range(held):
+        entered.acquire(timeout=60)
+    counter.reset()
+    time.sleep(5 * lease)
+    requests = counter.total
+    release.set()
+    for thread in threads:
+        thread.join(60)
+    runtime.close()
+    backend.close()
+    beats = 5 * lease / (lease * HEARTBEAT)
+    return requests / beats
 
 
 def _main() -> None:  # pragma: no cover - a measurement, run by hand

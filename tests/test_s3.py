@@ -609,6 +609,45 @@ def test_one_put_per_step(opener: Open) -> None:
     assert counter.total <= 200 + 4 + 4 + 1 + 3 + 2 + 4  # + LISTs of the first read, deletes
 
 
+def test_an_update_that_keeps_the_status_is_one_put(opener: Open) -> None:
+    """Leases and step progress rewrite a pending record often (a worker's heartbeat
+    renews one record every third of its lease): each such update is one PUT."""
+    counter = RequestCounter()
+    backend = opener()
+    counter.attach(backend.client)
+    stored, _ = backend.create_invocation(make_invocation("inv"))
+    counter.reset()
+    for n in range(5):
+        stored = backend.update_invocation(attrs.evolve(stored, updated_at=float(n)))
+    assert counter.snapshot() == {"PutObject": 5}
+    counter.reset()
+    done = backend.update_invocation(attrs.evolve(stored, status=InvocationStatus.COMPLETED))
+    counts = counter.snapshot()
+    # the new marker, the record, the old marker deleted (its version known), then
+    # the final pack: the journal is read once (2 LISTs) and has no entries to pack.
+    assert (counts["PutObject"], counts["DeleteObject"]) == (2, 1)
+    assert list(backend.list_invocations(InvocationStatus.PENDING)) == []
+    assert list(backend.list_invocations(InvocationStatus.COMPLETED)) == ["inv"]
+    assert done.version == 7
+
+
+def test_a_status_change_by_a_client_that_only_read_the_record_clears_the_old_marker(
+    opener: Open,
+) -> None:
+    first = opener()
+    stored, _ = first.create_invocation(make_invocation("inv"))
+    stored = first.update_invocation(attrs.evolve(stored, updated_at=2.0))
+    second = opener()
+    current = second.get_invocation("inv")
+    assert current is not None
+    second.update_invocation(attrs.evolve(current, status=InvocationStatus.FAILED))
+    for status in (InvocationStatus.PENDING, InvocationStatus.COMPLETED):
+        assert list(second.list_invocations(status)) == []
+    assert list(second.list_invocations(InvocationStatus.FAILED)) == ["inv"]
+    keys = second.client.list_objects_v2(Bucket=second.bucket, Prefix=second.prefix + "/status/")
+    assert [item["Key"].rsplit("/", 3)[1] for item in keys.get("Contents", [])] == ["failed"]
+
+
 def test_appends_check_that_the_invocation_exists_once_per_client(
     opener: Open, moto: MotoS3
 ) -> None:

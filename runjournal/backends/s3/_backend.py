@@ -207,8 +207,8 @@ class S3Backend:
             )
         return inv
 
-    def _remember(self, inv: Invocation, etag: str) -> None:
-        self._known.remember_record(inv.id, KnownRecord(inv.version, etag, inv.status))
+    def _remember(self, inv: Invocation, etag: str, marked: int | None = None) -> None:
+        self._known.remember_record(inv.id, KnownRecord(inv.version, etag, inv.status, marked))
 
     def create_invocation(self, invocation: Invocation) -> tuple[Invocation, bool]:
         k = encode_id(invocation.id)
@@ -243,7 +243,7 @@ class S3Backend:
                 "client tried to create it; try again"
             )
         # A new invocation has no entries: what this client appends is all there is.
-        self._known.created(stored.id, KnownRecord(1, etag, stored.status))
+        self._known.created(stored.id, KnownRecord(1, etag, stored.status, marked=1))
         return stored, True
 
     def get_invocation(self, invocation_id: str) -> Invocation | None:
@@ -275,8 +275,12 @@ class S3Backend:
         stored = attrs.evolve(invocation, version=invocation.version + 1)
         body = encode_invocation(stored)
         # Marker first (see create_invocation); a loser's marker is filtered
-        # out when listing, since listing checks the record itself.
-        self._requests.put(self._layout.status_marker(stored.status, k, stored.version), b"")
+        # out when listing, since listing checks the record itself. An update
+        # that keeps the status (a lease taken or renewed, a step's progress)
+        # keeps the marker it has: one PUT in all.
+        moved = stored.status is not record.status
+        if moved:
+            self._requests.put(self._layout.status_marker(stored.status, k, stored.version), b"")
         try:
             new_etag = self._requests.put(key, body, if_match=record.etag)
         except NoSuchKey:
@@ -292,14 +296,32 @@ class S3Backend:
                 self._remember(current, got[1])
                 raise VersionConflict(invocation.id, invocation.version, current.version) from exc
             new_etag = got[1]  # our first try landed and its answer was lost
-        self._remember(stored, new_etag)
-        try:
-            self._requests.delete(self._layout.status_marker(record.status, k, record.version))
-        except JournalError as exc:  # the update stands; listing skips a stale marker
-            log.warning("invocation %r: stale status marker left: %s", invocation.id, exc)
-        if stored.status is not InvocationStatus.PENDING:
-            self._pack(stored.id, k, final=True)
+        self._remember(stored, new_etag, stored.version if moved else record.marked)
+        if moved:
+            self._drop_markers(invocation.id, k, record.status, record.marked)
+        if moved and stored.status is not InvocationStatus.PENDING:
+            self._pack(stored.id, k, final=True)  # once, when it finishes
         return stored
+
+    def _drop_markers(
+        self, invocation_id: str, k: str, status: InvocationStatus, marked: int | None
+    ) -> None:
+        """Delete the markers saying ``invocation_id`` has ``status`` (it has another now).
+
+        A status is marked once, by the update that set it; updates that kept
+        it wrote none. ``marked``: that update's version, if this client knows
+        it (one DELETE); else the markers are listed first.
+        """
+        if marked is None and status is InvocationStatus.PENDING:
+            marked = 1  # an invocation is pending from its creation, marked then, only
+        try:
+            if marked is not None:
+                self._requests.delete(self._layout.status_marker(status, k, marked))
+            else:
+                stale = self._requests.list_keys(self._layout.status_dir(status, k))
+                self._requests.delete_many(stale)
+        except JournalError as exc:  # the update stands; listing skips a stale marker
+            log.warning("invocation %r: stale status marker left: %s", invocation_id, exc)
 
     def list_invocations(self, status: InvocationStatus | None = None) -> Iterator[str]:
         self._check_open()

@@ -27,11 +27,16 @@ STATE_LIMIT: Final = 512
 
 @attrs.frozen
 class KnownRecord:
-    """The invocation record as last read or written by this client."""
+    """The invocation record as last read or written by this client.
+
+    ``marked`` is the version whose status marker stands for ``status``, when
+    this client wrote it (None: read from the store, so not known).
+    """
 
     version: int
     etag: str
     status: InvocationStatus
+    marked: int | None = None
 
 
 @attrs.define
