@@ -12,7 +12,7 @@ from typing import Any
 
 import lmdb
 
-from runjournal.context import Context, Runtime
+from runjournal.context import Context, RunOptions, Runtime
 from runjournal.journal import JournalBackend
 
 STEPS = 1000
@@ -59,8 +59,13 @@ def raw_lmdb_commits(directory: Path, ops: int) -> float:
     return ops / elapsed
 
 
-def _steps_runtime(backend: JournalBackend, steps: int, crash: list[bool] | None = None) -> Runtime:
-    rt = Runtime(backend)
+def _steps_runtime(
+    backend: JournalBackend,
+    steps: int,
+    crash: list[bool] | None = None,
+    options: RunOptions | None = None,
+) -> Runtime:
+    rt = Runtime(backend, options=options)
 
     @rt.handler("bench.steps")
     def handler(ctx: Context, _: Any) -> float:
@@ -79,6 +84,18 @@ def w1_sequential(open_backend: Opener) -> float:
     backend = open_backend()
     try:
         rt = _steps_runtime(backend, STEPS)
+        start = time.perf_counter()
+        rt.invoke("bench.steps", None)
+        return STEPS / (time.perf_counter() - start)
+    finally:
+        backend.close()
+
+
+def w1_at_most_once(open_backend: Opener) -> float:
+    """W1 with ``at_most_once=True``: a start marker is journaled before every step."""
+    backend = open_backend()
+    try:
+        rt = _steps_runtime(backend, STEPS, options=RunOptions(at_most_once=True))
         start = time.perf_counter()
         rt.invoke("bench.steps", None)
         return STEPS / (time.perf_counter() - start)

@@ -454,9 +454,20 @@ class Attempt:
         while True:
             with self._record_lock:
                 current = self._record
+            # Progress of steps journaled since is obsolete: dropped in the same write,
+            # so the record stays as small as the steps still open.
+            still_open = [
+                step
+                for step in current.steps
+                if step.index != progress.index and not self._cursor.has(step.index)
+            ]
             try:
                 stored = self._backend.update_invocation(
-                    attrs.evolve(current.with_progress(progress), updated_at=time.time())
+                    attrs.evolve(
+                        current,
+                        steps=sorted([*still_open, progress], key=_by_index),
+                        updated_at=time.time(),
+                    )
                 )
             except VersionConflict:
                 # Another step of this attempt (a future) wrote first, or a takeover.
@@ -500,6 +511,10 @@ class Attempt:
     def _where(self, index: int, name: str | None) -> str:
         label = repr(name) if name is not None else "<unnamed>"
         return f"run {label} (invocation {self.invocation_id!r}, index {index})"
+
+
+def _by_index(step: StepProgress) -> int:
+    return step.index
 
 
 def _indexes(slots: list[Slot]) -> list[int]:

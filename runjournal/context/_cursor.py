@@ -35,6 +35,10 @@ class ReplayCursor:
         """The index the next step will take."""
         return self._next
 
+    def has(self, index: int) -> bool:
+        """Whether an entry at ``index`` is journaled (as far as this attempt knows)."""
+        return index in self._recorded
+
     def is_replaying(self) -> bool:
         """Whether steps not yet reached are already in the journal."""
         with self._lock:
