@@ -308,10 +308,10 @@ class SQLiteBackend:
                 "SELECT record FROM entries WHERE invocation_id = ? AND idx >= ? ORDER BY idx",
                 (invocation_id, start),
             ).fetchall()
-        return [decode_entry(row[0]) for row in rows]
+        return [decode_entry(row[0], invocation_id) for row in rows]
 
     def append_entry(self, invocation_id: str, entry: Entry) -> None:
-        data = encode_entry(entry)
+        data = encode_entry(entry, invocation_id)
         try:
             with self._connection() as conn, self._write(conn):
                 exists = conn.execute(

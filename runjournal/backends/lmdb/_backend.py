@@ -277,14 +277,14 @@ class LMDBBackend:
                     found.append(bytes(value))
             return found
 
-        return [decode_entry(value) for value in env.read(op)]
+        return [decode_entry(value, invocation_id) for value in env.read(op)]
 
     def append_entry(self, invocation_id: str, entry: Entry) -> None:
         env = self._env()
         hashed = digest(invocation_id)
         inv_key = invocation_key(hashed)
         key = entry_key(hashed, entry.index)
-        data = encode_entry(entry)
+        data = encode_entry(entry, invocation_id)
 
         def append(txn: lmdb.Transaction) -> None:
             # Both checks run under LMDB's writer lock, which spans processes.

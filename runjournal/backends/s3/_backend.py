@@ -405,7 +405,7 @@ class S3Backend:
         self._check_writable()
         k = encode_id(invocation_id)
         key = self._layout.entry(k, entry.index)
-        body = encode_entry(entry)
+        body = encode_entry(entry, invocation_id)
         if not self._known.exists(invocation_id):
             if not self._requests.exists(self._layout.record(k)):
                 raise InvocationNotFound(invocation_id)
@@ -449,7 +449,7 @@ class S3Backend:
                 records.append((KeyLayout.number_in(key, directory), data))
         entries = []
         for index, data in records:
-            entry = decode_entry(data)
+            entry = decode_entry(data, invocation_id)
             if entry.index != index:
                 raise JournalCorrupt(
                     f"invocation {invocation_id!r}: the entry stored at index {index} "
