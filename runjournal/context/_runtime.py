@@ -407,8 +407,8 @@ class Runtime:
             stored = self.backend.get_invocation(inv_id)
             if stored is None or stored.status is not InvocationStatus.PENDING:
                 return
-            if time.time() >= held.until:
-                return  # its lease may have lapsed: look again, and take it if so
+            if time.time() >= held.until or process_gone(held.owner):
+                return  # its lease may have lapsed (or its process died): look again
             remaining = _remaining(deadline)
             if remaining is not None and remaining <= 0:
                 raise InvocationTimeout(
