@@ -395,6 +395,7 @@ class Attempt:
                 interrupted=progress.in_flight,
             )
         step = _Step(self, fn, index, name, opts, first_started_at)
+        step.last_error = progress.last_error if progress is not None else None
         outcome = call_with_retry(
             step.call,
             step.make_schedule,
@@ -530,6 +531,7 @@ class _Step:
         "fn",
         "in_owner",
         "index",
+        "last_error",
         "name",
         "opts",
         "schedule",
@@ -552,6 +554,7 @@ class _Step:
         self.in_owner = threading.get_ident() == attempt.owner
         self.first_started_at = first_started_at
         self.schedule: RetrySchedule | None = None
+        self.last_error: Failure | None = None
 
     def make_schedule(self, resume: Resume) -> RetrySchedule:
         """The step's retry state, built when first needed (a retry, a resumed step)."""
@@ -581,26 +584,26 @@ class _Step:
             attempt.closure_ends(self.in_owner)
 
     def before(self, number: int) -> None:
-        """Before attempt ``number``: no closure starts without the lease; an
-        at-most-once step's start marker is durable first."""
+        """Before attempt ``number``: no closure starts without the lease; a start
+        marker is durable first, so an attempt whose worker dies in it still counts.
+        Every attempt of an at-most-once step has one; other steps' retries too
+        (a step that succeeds at its first attempt writes nothing but its entry)."""
         if number > 1 or not self.in_owner:  # the ctx operation just checked the lease
             self.attempt.guard_lease()
-        if self.opts.at_most_once:
+        if self.opts.at_most_once or number > 1:
             self.attempt.save_progress(
-                StepProgress(self.index, number, self.started(), in_flight=True)
+                StepProgress(
+                    self.index, number, self.started(), in_flight=True, last_error=self.last_error
+                )
             )
 
     def after(self, number: int, exc: Exception) -> None:
         """Attempt ``number`` failed and will be retried: make that durable first."""
+        self.last_error = Failure(type(exc).__qualname__, f"{exc}"[:_ERROR_CHARS])
         if self.opts.at_most_once:
             return  # its start marker already counts the attempt
         self.attempt.save_progress(
-            StepProgress(
-                self.index,
-                number,
-                self.started(),
-                last_error=Failure(type(exc).__qualname__, f"{exc}"[:_ERROR_CHARS]),
-            )
+            StepProgress(self.index, number, self.started(), last_error=self.last_error)
         )
 
     def started(self) -> float:

@@ -36,10 +36,11 @@ class TerminalError(Exception):
 
 
 class StepInterrupted(TerminalError):
-    """An at-most-once step's attempt started and never finished (the worker stopped).
+    """A step's attempt started and never finished (the worker stopped).
 
     Such an attempt is never run again: it counts as failed. When no retries
-    remain, the step ends with this error, journaled.
+    remain, the step ends with this error, journaled. Every attempt of an
+    at-most-once step is covered; of other steps, every attempt but the first.
     """
 
 

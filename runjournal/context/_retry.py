@@ -129,8 +129,8 @@ class Resume:
     Attributes:
         attempts: attempts already used (0 for a step never tried).
         elapsed: seconds since the first of them started.
-        interrupted: the last of them started and never finished (an
-            at-most-once start marker without an outcome): it counts as failed.
+        interrupted: the last of them started and never finished (a start
+            marker without an outcome): it counts as failed.
     """
 
     attempts: int = 0
@@ -219,14 +219,14 @@ class RetrySchedule:
 
         Returns the step's end if no retries remain, else None (run the next).
         """
+        limit = self._exhausted(self.elapsed())
+        if limit is None:
+            return None
         error = StepInterrupted(
             f"{self.label}: attempt {self.attempt} started and never finished (its worker "
-            "stopped); an at-most-once step does not run an attempt twice"
+            f"stopped); it counts as failed and no retries remain ({limit})"
         )
-        limit = self._exhausted(self.elapsed())
-        if limit is not None:
-            return Failed(error, self.attempt)
-        return None
+        return Failed(error, self.attempt)
 
     def failed(self, exc: Exception) -> float | Failed:
         """Attempt :attr:`attempt` raised ``exc`` (not a TerminalError).
