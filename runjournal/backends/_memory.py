@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import ClassVar
 from urllib.parse import urlsplit
 
@@ -19,10 +19,12 @@ from runjournal.journal import (
     InvocationNotFound,
     InvocationStatus,
     VersionConflict,
+    Write,
     decode_entry,
     decode_invocation,
     encode_entry,
     encode_invocation,
+    write_each,
 )
 
 __all__ = ["MemoryBackend", "MemoryStore"]
@@ -127,6 +129,11 @@ class MemoryBackend:
             if entry.index in slots:
                 raise EntryConflict(invocation_id, entry.index)
             slots[entry.index] = data
+
+    def write_batch(self, writes: Sequence[Write]) -> list[object]:
+        """Each write as its single call (see :class:`runjournal.journal.BatchWriter`)."""
+        self._check_open()
+        return write_each(self, writes)
 
     def list_invocations(self, status: InvocationStatus | None = None) -> Iterator[str]:
         self._check_open()

@@ -21,7 +21,16 @@ from runjournal.journal._format import (
     encode_entry,
     encode_invocation,
 )
-from runjournal.journal._protocol import Capabilities, JournalBackend
+from runjournal.journal._protocol import (
+    AppendEntry,
+    BatchWriter,
+    Capabilities,
+    CreateInvocation,
+    JournalBackend,
+    UpdateInvocation,
+    Write,
+    write_each,
+)
 from runjournal.journal._records import (
     Entry,
     EntryKind,
@@ -34,6 +43,12 @@ from runjournal.journal._records import (
 
 __all__ = [
     "FORMAT_VERSION",
+    "AppendEntry",
+    "BatchWriter",
+    "CreateInvocation",
+    "UpdateInvocation",
+    "Write",
+    "write_each",
     "BackendUnavailable",
     "Capabilities",
     "Codec",

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Protocol, runtime_checkable
 
 import attrs
 
+from runjournal.journal._errors import JournalError
 from runjournal.journal._records import Entry, Invocation, InvocationStatus
 
-__all__ = ["Capabilities", "JournalBackend"]
+__all__ = [
+    "AppendEntry",
+    "BatchWriter",
+    "Capabilities",
+    "CreateInvocation",
+    "JournalBackend",
+    "UpdateInvocation",
+    "Write",
+    "write_each",
+]
 
 
 @attrs.frozen
@@ -98,3 +108,80 @@ class JournalBackend(Protocol):
     def close(self) -> None:
         """Release resources; later calls raise BackendUnavailable. Idempotent."""
         ...
+
+
+# -- optional: several writes, one durable commit ------------------------------------
+
+
+@attrs.frozen
+class AppendEntry:
+    """A write for :meth:`BatchWriter.write_batch`: ``append_entry(invocation_id, entry)``."""
+
+    invocation_id: str
+    entry: Entry
+
+
+@attrs.frozen
+class CreateInvocation:
+    """A write for :meth:`BatchWriter.write_batch`: ``create_invocation(invocation)``."""
+
+    invocation: Invocation
+
+
+@attrs.frozen
+class UpdateInvocation:
+    """A write for :meth:`BatchWriter.write_batch`: ``update_invocation(invocation)``."""
+
+    invocation: Invocation
+
+
+Write = AppendEntry | CreateInvocation | UpdateInvocation
+
+
+@runtime_checkable
+class BatchWriter(Protocol):
+    """An optional method: several writes made durable together.
+
+    The async runtime hands an engine the writes of many concurrent
+    invocations at once; an engine with this method can commit them in one
+    durable transaction (LMDB) or send them in parallel (S3). Engines without
+    it get them one call at a time. The conformance kit checks it when present.
+    """
+
+    def write_batch(self, writes: Sequence[Write]) -> list[object]:
+        """Do each write as its single call would, in order; one durable commit if possible.
+
+        Each write stands alone: one refused (a conflict, a missing
+        invocation) writes nothing and does not stop the others.
+
+        Returns:
+            For each write, in order: what its single call returns (None for
+            an append, ``(stored, created)`` for a create, the stored record
+            for an update), or the :class:`JournalError` it would raise.
+
+        Raises:
+            JournalError: the batch as a whole failed (the store is
+                unreachable, the client closed); none of it may be durable.
+        """
+        ...
+
+
+def write_each(backend: JournalBackend, writes: Sequence[Write]) -> list[object]:
+    """``write_batch`` for an engine without it: one call per write, in order.
+
+    A :class:`JournalError` raised by one write is that write's result; any
+    other exception propagates.
+    """
+    results: list[object] = []
+    for write in writes:
+        try:
+            if isinstance(write, AppendEntry):
+                backend.append_entry(write.invocation_id, write.entry)
+                results.append(None)
+            elif isinstance(write, CreateInvocation):
+                results.append(backend.create_invocation(write.invocation))
+            else:
+                results.append(backend.update_invocation(write.invocation))
+        except JournalError as exc:
+            results.append(exc)
+    return results

@@ -41,7 +41,16 @@ from runjournal.journal._errors import (
     JournalError,
     VersionConflict,
 )
-from runjournal.journal._protocol import Capabilities, JournalBackend
+from runjournal.journal._protocol import (
+    AppendEntry,
+    BatchWriter,
+    Capabilities,
+    CreateInvocation,
+    JournalBackend,
+    UpdateInvocation,
+    Write,
+    write_each,
+)
 from runjournal.journal._records import Entry, EntryKind, Failure, Invocation, InvocationStatus
 
 __all__ = [
@@ -324,6 +333,74 @@ class JournalBackendTests:
         stored = backend.get_invocation(inv.id)
         assert stored is not None and stored.input == b"i" * size
 
+    # -- batches (only for engines with write_batch) -------------------------
+
+    def test_a_batch_does_each_write_as_its_single_call_would(
+        self, backend: JournalBackend
+    ) -> None:
+        if not isinstance(backend, BatchWriter):
+            pytest.skip("this engine has no write_batch")
+        a = make_invocation("batch-a")
+        stored, _ = backend.create_invocation(make_invocation("batch-b"))
+        writes: list[Write] = [
+            CreateInvocation(a),
+            AppendEntry("batch-a", make_entry(0, b'"first"')),
+            AppendEntry("batch-a", make_entry(0, b'"second"')),
+            AppendEntry("batch-missing", make_entry(0)),
+            CreateInvocation(attrs.evolve(a, input=b"other")),
+            UpdateInvocation(attrs.evolve(stored, status=InvocationStatus.COMPLETED)),
+            UpdateInvocation(attrs.evolve(stored, status=InvocationStatus.FAILED)),
+            AppendEntry("batch-b", make_entry(3)),
+        ]
+        results = backend.write_batch(writes)
+        created = attrs.evolve(a, version=1)
+        assert results[0] == (created, True)
+        assert results[1] is None
+        assert isinstance(results[2], EntryConflict) and results[2].index == 0
+        assert isinstance(results[3], InvocationNotFound)
+        assert results[4] == (created, False)
+        done = attrs.evolve(stored, status=InvocationStatus.COMPLETED, version=2)
+        assert results[5] == done
+        assert isinstance(results[6], VersionConflict)
+        assert results[7] is None
+        assert [e.payload for e in backend.read_entries("batch-a")] == [b'"first"']
+        assert backend.get_invocation("batch-b") == done
+        assert [e.index for e in backend.read_entries("batch-b")] == [3]
+        assert backend.write_batch([]) == []
+
+    def test_batches_racing_record_one_value_per_index(
+        self, clients: Callable[[], JournalBackend]
+    ) -> None:
+        first = clients()
+        if not isinstance(first, BatchWriter):
+            pytest.skip("this engine has no write_batch")
+        inv, _ = first.create_invocation(make_invocation())
+        workers = [clients() for _ in range(4)]
+
+        def batch(i: int) -> list[object]:
+            worker = workers[i % len(workers)]
+            assert isinstance(worker, BatchWriter)
+            return worker.write_batch(
+                [AppendEntry(inv.id, make_entry(n, f'"{i}"'.encode())) for n in range(5)]
+            )
+
+        results = _race(self.race_threads, batch)
+        for n in range(5):
+            winners = [i for i, r in enumerate(results) if r[n] is None]
+            assert len(winners) == 1, results
+            losers = [r[n] for r in results if r[n] is not None]
+            assert all(isinstance(e, EntryConflict) for e in losers)
+            recorded = first.read_entries(inv.id, start=n)[0]
+            assert recorded.payload == f'"{winners[0]}"'.encode()
+
+    def test_a_closed_client_refuses_a_batch(self, open_backend: Opener) -> None:
+        client = open_backend()
+        client.close()
+        if not isinstance(client, BatchWriter):
+            pytest.skip("this engine has no write_batch")
+        with pytest.raises(BackendUnavailable):
+            client.write_batch([CreateInvocation(make_invocation())])
+
     # -- ids -----------------------------------------------------------------
 
     def test_awkward_ids_are_distinct_and_round_trip(self, backend: JournalBackend) -> None:
@@ -516,6 +593,11 @@ def _outcome(call: Callable[[], Any]) -> Any:
     return ("ok", list(value) if isinstance(value, Iterator) else value)
 
 
+def _results(results: list[object]) -> list[object]:
+    """Batch results compared by value, errors by type."""
+    return [type(r) if isinstance(r, JournalError) else r for r in results]
+
+
 def _model_machine(
     engine: JournalBackend, make_reference: Callable[[], JournalBackend]
 ) -> type[RuleBasedStateMachine]:
@@ -573,6 +655,20 @@ def _model_machine(
         def append(self, inv_id: str, index: int, payload: bytes | None, kind: EntryKind) -> None:
             entry = make_entry(index, payload, kind=kind, created_at=2.0)
             self.both(lambda b: b.append_entry(inv_id, entry))
+
+        @rule(
+            appends=st.lists(st.tuples(st.integers(0, 6), st.none() | st.binary(max_size=5))),
+            inv_id=ids,
+        )
+        def batch(self, inv_id: str, appends: list[tuple[int, bytes | None]]) -> None:
+            if not isinstance(engine, BatchWriter):
+                return
+            writes: list[Write] = [
+                AppendEntry(inv_id, make_entry(index, payload, created_at=2.0))
+                for index, payload in appends
+            ]
+            expected = _results(write_each(self.reference, writes))
+            assert _results(engine.write_batch(writes)) == expected
 
         @rule(inv_id=ids, start=st.integers(0, 7))
         def read(self, inv_id: str, start: int) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Final
 from urllib.parse import urlsplit
 
@@ -30,15 +30,19 @@ from runjournal.backends.lmdb._keys import (
     status_key,
 )
 from runjournal.journal import (
+    AppendEntry,
     BackendUnavailable,
     Capabilities,
+    CreateInvocation,
     Entry,
     EntryConflict,
     Invocation,
     InvocationNotFound,
     InvocationStatus,
     JournalCorrupt,
+    JournalError,
     VersionConflict,
+    Write,
     decode_entry,
     decode_invocation,
     encode_entry,
@@ -220,7 +224,9 @@ class LMDBBackend:
         return self._decode_invocation(None if data is None else bytes(data), invocation_id)
 
     def create_invocation(self, invocation: Invocation) -> tuple[Invocation, bool]:
-        env = self._env()
+        return self._env().committer.write(self._create_op(invocation))  # type: ignore[no-any-return]
+
+    def _create_op(self, invocation: Invocation) -> Op:
         stored = attrs.evolve(invocation, version=1)
         data = encode_invocation(stored)
         hashed = digest(invocation.id)
@@ -234,7 +240,7 @@ class LMDBBackend:
             txn.put(status_key(stored.status, hashed), invocation.id.encode("utf-8"))
             return stored, True
 
-        return env.committer.write(Op(create))  # type: ignore[no-any-return]
+        return Op(create)
 
     def get_invocation(self, invocation_id: str) -> Invocation | None:
         env = self._env()
@@ -242,7 +248,9 @@ class LMDBBackend:
         return env.read(lambda txn: self._load(txn, invocation_id, key))
 
     def update_invocation(self, invocation: Invocation) -> Invocation:
-        env = self._env()
+        return self._env().committer.write(self._update_op(invocation))  # type: ignore[no-any-return]
+
+    def _update_op(self, invocation: Invocation) -> Op:
         stored = attrs.evolve(invocation, version=invocation.version + 1)
         data = encode_invocation(stored)
         hashed = digest(invocation.id)
@@ -260,7 +268,7 @@ class LMDBBackend:
                 txn.put(status_key(stored.status, hashed), invocation.id.encode("utf-8"))
             return stored
 
-        return env.committer.write(Op(update))  # type: ignore[no-any-return]
+        return Op(update)
 
     def read_entries(self, invocation_id: str, start: int = 0) -> list[Entry]:
         env = self._env()
@@ -280,7 +288,9 @@ class LMDBBackend:
         return [decode_entry(value, invocation_id) for value in env.read(op)]
 
     def append_entry(self, invocation_id: str, entry: Entry) -> None:
-        env = self._env()
+        self._env().committer.write(self._append_op(invocation_id, entry))
+
+    def _append_op(self, invocation_id: str, entry: Entry) -> Op:
         hashed = digest(invocation_id)
         inv_key = invocation_key(hashed)
         key = entry_key(hashed, entry.index)
@@ -293,7 +303,27 @@ class LMDBBackend:
             if not txn.put(key, data, overwrite=False):
                 raise EntryConflict(invocation_id, entry.index)
 
-        env.committer.write(Op(append))
+        return Op(append)
+
+    def write_batch(self, writes: Sequence[Write]) -> list[object]:
+        """Do ``writes`` in one committed (and synced) transaction; see
+        :class:`runjournal.journal.BatchWriter`."""
+        env = self._env()
+        ops = []
+        for write in writes:
+            if isinstance(write, AppendEntry):
+                ops.append(self._append_op(write.invocation_id, write.entry))
+            elif isinstance(write, CreateInvocation):
+                ops.append(self._create_op(write.invocation))
+            else:
+                ops.append(self._update_op(write.invocation))
+        env.committer.write_many(ops)
+        results: list[object] = []
+        for op in ops:
+            if op.error is not None and not isinstance(op.error, JournalError):
+                raise op.error
+            results.append(op.error if op.error is not None else op.result)
+        return results
 
     def list_invocations(self, status: InvocationStatus | None = None) -> Iterator[str]:
         env = self._env()

@@ -122,6 +122,29 @@ class GroupCommitter:
             raise op.error
         return op.result
 
+    def write_many(self, ops: list[Op]) -> None:
+        """Run ``ops`` in one committed write transaction (with whatever else is queued).
+
+        Each op's ``result`` or ``error`` is set; nothing is raised for a
+        refused op. The ops are queued together, so one batch takes them all:
+        the caller waits for the first of them only.
+        """
+        if not ops:
+            return
+        if not self._grouped:
+            self._commit(ops)
+            return
+        with self._mutex:
+            self._queue.extend(ops)
+            lead = not self._leading
+            self._leading = True
+        first = ops[0]
+        if not lead:
+            first.wake.acquire()
+            lead = first.lead
+        if lead:
+            self._lead()
+
     def _lead(self) -> None:
         with self._mutex:
             batch, self._queue = self._queue, []

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import suppress
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -23,6 +23,7 @@ from runjournal.backends.s3._known import KnownInvocations, KnownRecord, PackJob
 from runjournal.backends.s3._requests import S3Requests
 from runjournal.backends.s3._segments import MAX_SEGMENT_BYTES, decode_segment, encode_segment
 from runjournal.journal import (
+    AppendEntry,
     BackendUnavailable,
     Capabilities,
     Entry,
@@ -34,10 +35,12 @@ from runjournal.journal import (
     JournalError,
     TransientError,
     VersionConflict,
+    Write,
     decode_entry,
     decode_invocation,
     encode_entry,
     encode_invocation,
+    write_each,
 )
 
 __all__ = ["S3Backend"]
@@ -421,6 +424,29 @@ class S3Backend:
         unpacked = self._known.add_entry(invocation_id, entry.index, body)
         if unpacked >= self.segment_every:
             self._pack(invocation_id, k, final=False)
+
+    def write_batch(self, writes: Sequence[Write]) -> list[object]:
+        """The writes as parallel requests (S3 has no transactions; each write is
+        atomic alone); see :class:`runjournal.journal.BatchWriter`."""
+        self._check_open()
+        if len(writes) <= 1:
+            return write_each(self, writes)
+        # Writes to one invocation keep their order (an append may follow its create).
+        groups: dict[str, list[int]] = {}
+        for position, write in enumerate(writes):
+            key = write.invocation_id if isinstance(write, AppendEntry) else write.invocation.id
+            groups.setdefault(key, []).append(position)
+        results: list[object] = [None] * len(writes)
+
+        def run(key: str) -> None:
+            positions = groups[key]
+            for position, result in zip(
+                positions, write_each(self, [writes[p] for p in positions]), strict=True
+            ):
+                results[position] = result
+
+        self._requests.map(run, list(groups))
+        return results
 
     def read_entries(self, invocation_id: str, start: int = 0) -> list[Entry]:
         self._check_open()
