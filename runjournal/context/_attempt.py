@@ -393,6 +393,11 @@ class Attempt:
                 attempts=progress.attempts,
                 elapsed=max(0.0, time.time() - first_started_at),
                 interrupted=progress.in_flight,
+                last_error=(
+                    f"{progress.last_error.type_name}: {progress.last_error.message}"
+                    if progress.last_error is not None
+                    else None
+                ),
             )
         step = _Step(self, fn, index, name, opts, first_started_at)
         step.last_error = progress.last_error if progress is not None else None

@@ -131,11 +131,13 @@ class Resume:
         elapsed: seconds since the first of them started.
         interrupted: the last of them started and never finished (a start
             marker without an outcome): it counts as failed.
+        last_error: the last failure journaled, as ``Type: text``.
     """
 
     attempts: int = 0
     elapsed: float = 0.0
     interrupted: bool = False
+    last_error: str | None = None
 
 
 RetryHook = Callable[[RetryDetails], None]
@@ -228,6 +230,25 @@ class RetrySchedule:
         )
         return Failed(error, self.attempt)
 
+    def resumed(self, resume: Resume) -> Failed | None:
+        """The step resumes after its worker stopped: its end if no retries remain, else None.
+
+        An interrupted last attempt counts as failed (:meth:`interrupted`); after
+        a failed one the next attempt would start now, so ``max_retry_duration``
+        may have run out while no worker ran the step.
+        """
+        if resume.interrupted:
+            return self.interrupted()
+        limit = self._exhausted(self.elapsed())
+        if limit is None:
+            return None
+        attempt = self.attempt
+        terminal = TerminalError(
+            f"{self.label} gave up after {attempt} attempt{'s' if attempt != 1 else ''} "
+            f"({limit}): {resume.last_error or 'its last attempt failed'}"
+        )
+        return Failed(terminal, attempt)
+
     def failed(self, exc: Exception) -> float | Failed:
         """Attempt :attr:`attempt` raised ``exc`` (not a TerminalError).
 
@@ -304,8 +325,8 @@ def call_with_retry(
         schedule: builds the step's retry state from where it resumes; a
             step that succeeds at its first attempt never needs one.
         resume: the attempts already spent; when ``resume.interrupted``, the
-            last of them is counted as failed first (an at-most-once step
-            after a crash).
+            last of them is counted as failed first (a step after a crash).
+            A resumed step whose budget ran out meanwhile runs nothing.
         clock: where the waits sleep (no waits under :func:`set_testing`).
         before_attempt: called with the attempt number before each attempt
             (where a start marker is journaled).
@@ -330,10 +351,9 @@ def call_with_retry(
         state.begin()
     else:
         state = schedule(resume)
-        if resume.interrupted:
-            ended = state.interrupted()
-            if ended is not None:
-                return ended
+        ended = state.resumed(resume)
+        if ended is not None:
+            return ended
     while True:
         if failure is None:
             attempt = state.begin()
