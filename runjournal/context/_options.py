@@ -44,10 +44,28 @@ def seconds(value: Duration, name: str) -> float:
     return result
 
 
-def _required_seconds(value: Duration) -> float:
-    seconds = _seconds(value)
-    assert seconds is not None
-    return seconds
+def _named_seconds(name: str, value: Duration) -> float:
+    """``value`` as float seconds; a wrong type (None too) is refused naming the option."""
+    try:
+        result = _seconds(value)
+    except TypeError as exc:
+        raise TypeError(f"{name}: {exc}") from None
+    if result is None:
+        raise TypeError(f"{name}: a duration must be float seconds or datetime.timedelta, got None")
+    return result
+
+
+# One converter per duration option (the attrs mypy plugin takes named functions only).
+def _initial_retry_interval(value: Duration) -> float:
+    return _named_seconds("initial_retry_interval", value)
+
+
+def _max_retry_interval(value: Duration) -> float:
+    return _named_seconds("max_retry_interval", value)
+
+
+def _max_retry_duration(value: Duration | None) -> float | None:
+    return None if value is None else _named_seconds("max_retry_duration", value)
 
 
 def _non_negative(_: object, attribute: attrs.Attribute[Any], value: float | None) -> None:
@@ -138,14 +156,14 @@ class RunOptions:
 
     max_retry_attempts: int | None = attrs.field(default=None, validator=_check_attempts)
     initial_retry_interval: float = attrs.field(
-        default=0.05, converter=_required_seconds, validator=_non_negative
+        default=0.05, converter=_initial_retry_interval, validator=_non_negative
     )
     retry_interval_factor: float = attrs.field(default=2.0, validator=_check_factor)
     max_retry_interval: float = attrs.field(
-        default=2.0, converter=_required_seconds, validator=_non_negative
+        default=2.0, converter=_max_retry_interval, validator=_non_negative
     )
     max_retry_duration: float | None = attrs.field(
-        default=None, converter=_seconds, validator=_non_negative
+        default=None, converter=_max_retry_duration, validator=_non_negative
     )
     retry_on: tuple[type[BaseException], ...] | Callable[[Exception], bool] | None = attrs.field(
         default=None, converter=_retry_on
