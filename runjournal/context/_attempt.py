@@ -63,7 +63,7 @@ from runjournal.journal import (
     encode_value,
 )
 
-__all__ = ["Attempt"]
+__all__ = ["Attempt", "Step", "by_index"]
 
 log = logging.getLogger("runjournal")
 
@@ -382,25 +382,8 @@ class Attempt:
         Attempts already spent (journaled in the invocation's step progress by
         an earlier attempt of the invocation) count against the budget.
         """
-        if not callable(fn):
-            raise TypeError(f"run {name!r}: fn must be a callable taking no arguments, got {fn!r}")
-        progress = self._record.progress(index) if self._record.steps else None
-        if progress is None:
-            resume, first_started_at = FRESH, None
-        else:
-            first_started_at = progress.first_started_at
-            resume = Resume(
-                attempts=progress.attempts,
-                elapsed=max(0.0, time.time() - first_started_at),
-                interrupted=progress.in_flight,
-                last_error=(
-                    f"{progress.last_error.type_name}: {progress.last_error.message}"
-                    if progress.last_error is not None
-                    else None
-                ),
-            )
-        step = _Step(self, fn, index, name, opts, first_started_at)
-        step.last_error = progress.last_error if progress is not None else None
+        resume, progress = self.resume_for(fn, index, name)
+        step = Step(self, fn, index, name, opts, progress)
         outcome = call_with_retry(
             step.call,
             step.make_schedule,
@@ -409,6 +392,33 @@ class Attempt:
             before_attempt=step.before,
             after_failure=step.after,
         )
+        return self.entry_for(outcome, index, name, opts)
+
+    def resume_for(
+        self, fn: Callable[[], Any], index: int, name: str | None
+    ) -> tuple[Resume, StepProgress | None]:
+        """Where a step's retries start, from its journaled progress (None: never tried)."""
+        if not callable(fn):
+            raise TypeError(f"run {name!r}: fn must be a callable taking no arguments, got {fn!r}")
+        progress = self._record.progress(index) if self._record.steps else None
+        if progress is None:
+            return FRESH, None
+        resume = Resume(
+            attempts=progress.attempts,
+            elapsed=max(0.0, time.time() - progress.first_started_at),
+            interrupted=progress.in_flight,
+            last_error=(
+                f"{progress.last_error.type_name}: {progress.last_error.message}"
+                if progress.last_error is not None
+                else None
+            ),
+        )
+        return resume, progress
+
+    def entry_for(
+        self, outcome: Succeeded | Failed, index: int, name: str | None, opts: RunOptions
+    ) -> tuple[Entry, BaseException | None]:
+        """The entry a step's outcome is journaled as, and the error to chain to."""
         codec = opts.codec
         if isinstance(outcome, Failed):
             entry = Entry(
@@ -422,7 +432,6 @@ class Attempt:
                 attempts=outcome.attempts,
             )
             return entry, outcome.error
-        assert isinstance(outcome, Succeeded)
         entry = Entry(
             index=index,
             kind=EntryKind.RUN,
@@ -471,7 +480,7 @@ class Attempt:
                 stored = self._backend.update_invocation(
                     attrs.evolve(
                         current,
-                        steps=sorted([*still_open, progress], key=_by_index),
+                        steps=sorted([*still_open, progress], key=by_index),
                         updated_at=time.time(),
                     )
                 )
@@ -519,7 +528,7 @@ class Attempt:
         return f"run {label} (invocation {self.invocation_id!r}, index {index})"
 
 
-def _by_index(step: StepProgress) -> int:
+def by_index(step: StepProgress) -> int:
     return step.index
 
 
@@ -527,7 +536,7 @@ def _indexes(slots: list[Slot]) -> list[int]:
     return [slot.future.index for slot in slots]
 
 
-class _Step:
+class Step:
     """One step's closure, run with retries for an attempt: the hooks the retry loop calls."""
 
     __slots__ = (
@@ -549,7 +558,7 @@ class _Step:
         index: int,
         name: str | None,
         opts: RunOptions,
-        first_started_at: float | None,
+        progress: StepProgress | None,
     ) -> None:
         self.attempt = attempt
         self.fn = fn
@@ -557,9 +566,9 @@ class _Step:
         self.name = name
         self.opts = opts
         self.in_owner = threading.get_ident() == attempt.owner
-        self.first_started_at = first_started_at
+        self.first_started_at = progress.first_started_at if progress is not None else None
         self.schedule: RetrySchedule | None = None
-        self.last_error: Failure | None = None
+        self.last_error: Failure | None = progress.last_error if progress is not None else None
 
     def make_schedule(self, resume: Resume) -> RetrySchedule:
         """The step's retry state, built when first needed (a retry, a resumed step)."""
