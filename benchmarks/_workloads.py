@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 import time
@@ -12,7 +13,7 @@ from typing import Any
 
 import lmdb
 
-from runjournal.context import Context, RunOptions, Runtime
+from runjournal.context import AsyncContext, Context, RunOptions, Runtime
 from runjournal.journal import JournalBackend
 
 STEPS = 1000
@@ -99,6 +100,61 @@ def w1_at_most_once(open_backend: Opener) -> float:
         start = time.perf_counter()
         rt.invoke("bench.steps", None)
         return STEPS / (time.perf_counter() - start)
+    finally:
+        backend.close()
+
+
+def _async_steps_runtime(backend: JournalBackend, steps: int) -> Runtime:
+    rt = Runtime(backend)
+
+    async def payload() -> str:
+        return PAYLOAD
+
+    @rt.handler("bench.async_steps")
+    async def handler(ctx: AsyncContext, _: Any) -> None:
+        for i in range(steps):
+            await ctx.run(payload, name=f"s{i}")
+
+    return rt
+
+
+def w1_async(open_backend: Opener) -> float:
+    """W1-async: one async invocation running 1000 sequential ``await ctx.run`` steps
+    (coroutine closures); steps/s."""
+    backend = open_backend()
+    try:
+        rt = _async_steps_runtime(backend, STEPS)
+
+        async def main() -> float:
+            start = time.perf_counter()
+            await rt.ainvoke("bench.async_steps", None)
+            return STEPS / (time.perf_counter() - start)
+
+        try:
+            return asyncio.run(main())
+        finally:
+            rt.close()
+    finally:
+        backend.close()
+
+
+def w2_async(open_backend: Opener) -> float:
+    """W2-async: 64 invocations x 10 steps, concurrently on one event loop; steps/s."""
+    backend = open_backend()
+    try:
+        rt = _async_steps_runtime(backend, W2_STEPS)
+
+        async def main() -> float:
+            start = time.perf_counter()
+            await asyncio.gather(
+                *(rt.ainvoke("bench.async_steps", None) for _ in range(W2_INVOCATIONS))
+            )
+            return W2_INVOCATIONS * W2_STEPS / (time.perf_counter() - start)
+
+        try:
+            return asyncio.run(main())
+        finally:
+            rt.close()
     finally:
         backend.close()
 

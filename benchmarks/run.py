@@ -25,8 +25,10 @@ from benchmarks._workloads import (
     Opener,
     raw_fsync,
     raw_lmdb_commits,
+    w1_async,
     w1_at_most_once,
     w1_sequential,
+    w2_async,
     w2_concurrent,
     w3_replay,
 )
@@ -39,6 +41,8 @@ WORKLOADS: dict[str, Callable[[Opener], float]] = {
     "W1-amo": w1_at_most_once,  # W1 with at_most_once=True (a start marker per step)
     "W2": w2_concurrent,
     "W3": w3_replay,
+    "W1-async": w1_async,
+    "W2-async": w2_async,
 }
 
 # (engine, workload) -> (minimum, "x raw" if the target is a ratio, else "steps/s")
@@ -46,6 +50,7 @@ TARGETS: dict[tuple[str, str], tuple[float, str]] = {
     ("lmdb", "W1"): (0.8, "x raw"),
     ("lmdb", "W2"): (4.0, "x raw"),
     ("lmdb", "W3"): (200_000, "steps/s"),
+    ("lmdb", "W2-async"): (8.0, "x raw"),
     ("memory", "W1"): (50_000, "steps/s"),
 }
 
@@ -149,9 +154,14 @@ def report(results: dict[str, Any]) -> tuple[str, bool]:
             lines.append(f"{engine:<8} {workload:<9} {rate:>12,.0f} {ratio:>10.2f}x  {verdict}")
     lines.append("(x raw LMDB: each run against a raw LMDB measurement taken just before it)")
     for engine, figures in results["engines"].items():
-        if "W1" in figures and "W1-amo" in figures:
-            share = figures["W1-amo"]["x_raw_lmdb"] / figures["W1"]["x_raw_lmdb"]
-            lines.append(f"{engine}: W1 with at_most_once runs at {share:.2f}x default W1")
+        for this, base, what in (
+            ("W1-amo", "W1", "W1 with at_most_once"),
+            ("W1-async", "W1", "W1-async"),
+            ("W2-async", "W2", "W2-async"),
+        ):
+            if this in figures and base in figures:
+                share = figures[this]["x_raw_lmdb"] / figures[base]["x_raw_lmdb"]
+                lines.append(f"{engine}: {what} runs at {share:.2f}x {base}")
     for engine, counts in results.get("requests", {}).items():
         lines.append(f"{engine} requests: " + ", ".join(f"{k}={v:g}" for k, v in counts.items()))
     return "\n".join(lines), ok

@@ -21,6 +21,8 @@ logic). Importing this package loads neither lmdb nor boto3.
 
 from runjournal.backends import MemoryBackend, open_backend, register_backend
 from runjournal.context import (
+    AsyncContext,
+    AsyncRunFuture,
     Context,
     ContextMisuseError,
     HandlerNotFound,
@@ -54,6 +56,8 @@ from runjournal.journal import (
 )
 
 __all__ = [
+    "AsyncContext",
+    "AsyncRunFuture",
     "BackendUnavailable",
     "Codec",
     "CodecError",

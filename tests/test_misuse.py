@@ -180,6 +180,14 @@ def test_a_decorated_generator_is_still_refused(rt: Runtime) -> None:
         rt.handler("gen")(wrapper)
 
 
-def test_an_async_handler_is_refused_with_a_message_saying_so(rt: Runtime) -> None:
-    with pytest.raises(TypeError, match="'co' is an async def function.*sync handlers only"):
-        rt.handler("co")(_coroutine)
+def test_an_async_generator_handler_is_refused(rt: Runtime) -> None:
+    async def agen(ctx: Any, _: Any) -> Any:
+        yield 1
+
+    with pytest.raises(TypeError, match="'ag' is a generator function"):
+        rt.handler("ag")(agen)
+
+
+def test_an_async_handler_is_accepted(rt: Runtime) -> None:
+    rt.handler("co")(_coroutine)
+    assert rt.invoke("co") is None

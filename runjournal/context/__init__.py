@@ -3,6 +3,7 @@
 Imports only :mod:`runjournal.journal`; engines are chosen at the edge.
 """
 
+from runjournal.context._async import AsyncContext, AsyncRunFuture
 from runjournal.context._context import Context
 from runjournal.context._errors import (
     ContextMisuseError,
@@ -24,6 +25,8 @@ from runjournal.context._step import StepInfo, current_step
 __all__ = [
     "WORKER_HANDLER",
     "WORKER_PREFIX",
+    "AsyncContext",
+    "AsyncRunFuture",
     "Clock",
     "Context",
     "ContextMisuseError",

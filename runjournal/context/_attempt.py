@@ -120,6 +120,7 @@ class Attempt:
         self.on_retry = on_retry
         self.rng = rng
         self._max_payload = backend.capabilities.max_payload_bytes
+        self.executor = executor
         self._futures = FutureGroup(invocation_id, executor, self.check_usable)
         self.owner = threading.get_ident()  # the thread running the handler
         self._closures_lock = threading.Lock()
@@ -305,29 +306,43 @@ class Attempt:
                 finished it.
         """
         while True:
-            current = self._record
-            done = attrs.evolve(
-                current,
-                status=status,
-                output=output,
-                failure=failure,
-                steps=(),
-                updated_at=time.time(),
-            )
+            done = self.finished_record(status, output=output, failure=failure)
             try:
                 stored = self._backend.update_invocation(done)
             except VersionConflict:
-                latest = self._reread()
+                latest = self.reread()
                 if latest.status is not InvocationStatus.PENDING:
                     return latest
                 continue
-            with self._record_lock:
-                self._record = stored
+            self.adopt_record(stored)
             return stored
+
+    def finished_record(
+        self,
+        status: InvocationStatus,
+        *,
+        output: bytes | None = None,
+        failure: Failure | None = None,
+    ) -> Invocation:
+        """The record that finishes the invocation (to compare-and-swap in)."""
+        return attrs.evolve(
+            self._record,
+            status=status,
+            output=output,
+            failure=failure,
+            steps=(),
+            updated_at=time.time(),
+        )
+
+    def adopt_record(self, stored: Invocation) -> None:
+        """Keep ``stored`` as this attempt's view of the record, if it is newer."""
+        with self._record_lock:
+            if stored.version > self._record.version:
+                self._record = stored
 
     # -- the invocation record -------------------------------------------------------
 
-    def _reread(self) -> Invocation:
+    def reread(self) -> Invocation:
         """The record as stored now; :class:`LeaseLost` if another worker holds it.
 
         A finished record is returned whoever finished it.
@@ -354,22 +369,30 @@ class Attempt:
         try:
             self._cursor.record(entry)
         except EntryConflict:
-            # A stale worker wrote this step first (it ran twice); the rightful
-            # owner adopts what was recorded, as a replay would.
-            latest = self._reread()
-            if latest.status is not InvocationStatus.PENDING:
-                raise LeaseLost(self.invocation_id, "another worker finished it") from None
-            recorded = self._cursor.fetch(entry.index, entry.kind, entry.name)
-            log.warning(
-                "invocation %r: %s at index %d was recorded first by another worker (it ran "
-                "twice); this worker goes on with the recorded outcome",
-                self.invocation_id,
-                describe(entry.kind, entry.name),
-                entry.index,
-                extra={"invocation_id": self.invocation_id, "index": entry.index},
-            )
-            return recorded
+            return self.adopt(entry)
         return entry
+
+    def adopt(self, entry: Entry) -> Entry:
+        """After ``entry``'s append met an entry another (stale) worker wrote first: that
+        entry, which this rightful owner goes on with, as a replay would.
+
+        Raises:
+            LeaseLost: the race was lost because another worker owns the
+                invocation now, or finished it (this one must stop).
+        """
+        latest = self.reread()
+        if latest.status is not InvocationStatus.PENDING:
+            raise LeaseLost(self.invocation_id, "another worker finished it") from None
+        recorded = self._cursor.fetch(entry.index, entry.kind, entry.name)
+        log.warning(
+            "invocation %r: %s at index %d was recorded first by another worker (it ran "
+            "twice); this worker goes on with the recorded outcome",
+            self.invocation_id,
+            describe(entry.kind, entry.name),
+            entry.index,
+            extra={"invocation_id": self.invocation_id, "index": entry.index},
+        )
+        return recorded
 
     # -- running one step ----------------------------------------------------------
 
@@ -421,25 +444,14 @@ class Attempt:
         """The entry a step's outcome is journaled as, and the error to chain to."""
         codec = opts.codec
         if isinstance(outcome, Failed):
+            failure = failure_of(outcome.error)
             entry = Entry(
-                index=index,
-                kind=EntryKind.RUN,
-                name=name,
-                payload=None,
-                codec=codec.name,
-                failure=failure_of(outcome.error),
-                created_at=time.time(),
-                attempts=outcome.attempts,
+                index, EntryKind.RUN, name, None, codec.name, failure, time.time(), outcome.attempts
             )
             return entry, outcome.error
+        payload = self._encode(outcome.value, codec, index, name)
         entry = Entry(
-            index=index,
-            kind=EntryKind.RUN,
-            name=name,
-            payload=self._encode(outcome.value, codec, index, name),
-            codec=codec.name,
-            created_at=time.time(),
-            attempts=outcome.attempts,
+            index, EntryKind.RUN, name, payload, codec.name, None, time.time(), outcome.attempts
         )
         return entry, None
 
@@ -486,7 +498,7 @@ class Attempt:
                 )
             except VersionConflict:
                 # Another step of this attempt (a future) wrote first, or a takeover.
-                self._reread()
+                self.reread()
                 continue
             with self._record_lock:
                 if stored.version > self._record.version:
@@ -605,20 +617,26 @@ class Step:
         if number > 1 or not self.in_owner:  # the ctx operation just checked the lease
             self.attempt.guard_lease()
         if self.opts.at_most_once or number > 1:
-            self.attempt.save_progress(
-                StepProgress(
-                    self.index, number, self.started(), in_flight=True, last_error=self.last_error
-                )
-            )
+            self.attempt.save_progress(self.marker(number))
+
+    def marker(self, number: int) -> StepProgress:
+        """The start marker of attempt ``number``."""
+        return StepProgress(
+            self.index, number, self.started(), in_flight=True, last_error=self.last_error
+        )
 
     def after(self, number: int, exc: Exception) -> None:
         """Attempt ``number`` failed and will be retried: make that durable first."""
+        progress = self.failed(number, exc)
+        if progress is not None:
+            self.attempt.save_progress(progress)
+
+    def failed(self, number: int, exc: Exception) -> StepProgress | None:
+        """Attempt ``number`` failed with ``exc``: the progress to save, if any."""
         self.last_error = Failure(type(exc).__qualname__, f"{exc}"[:_ERROR_CHARS])
         if self.opts.at_most_once:
-            return  # its start marker already counts the attempt
-        self.attempt.save_progress(
-            StepProgress(self.index, number, self.started(), last_error=self.last_error)
-        )
+            return None  # its start marker already counts the attempt
+        return StepProgress(self.index, number, self.started(), last_error=self.last_error)
 
     def started(self) -> float:
         """When the first attempt started (wall clock)."""

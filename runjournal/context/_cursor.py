@@ -73,6 +73,11 @@ class ReplayCursor:
         with self._lock:
             self._recorded[entry.index] = entry
 
+    def note(self, entry: Entry) -> None:
+        """Remember ``entry`` as journaled (someone else appended it for this attempt)."""
+        with self._lock:
+            self._recorded[entry.index] = entry
+
     def fetch(self, index: int, kind: EntryKind, name: str | None) -> Entry:
         """Read the entry another worker recorded at ``index`` (after a conflict).
 

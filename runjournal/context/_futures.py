@@ -14,6 +14,7 @@ of the attempt that started it, which is the only code that changes it.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import json
 import logging
@@ -121,7 +122,7 @@ class Slot:
     cause: BaseException | None = None
     error: BaseException | None = None
     retrieved: bool = False
-    submitted: ExecutorFuture[None] | None = None
+    submitted: ExecutorFuture[None] | asyncio.Task[None] | None = None  # what runs it
 
     def journaled(self) -> Slot:
         """This slot, if it can be chosen; else its error, raised (and retrieved).
@@ -163,21 +164,24 @@ class FutureGroup:
     ) -> None:
         self.invocation_id = invocation_id
         self.executor = executor
-        self._check_usable = check_usable
+        self.check_usable = check_usable
         self._cond = threading.Condition()
         self._completed = 0
         self._slots: dict[int, Slot] = {}
 
     # -- creating ----------------------------------------------------------------
 
+    #: The class of the futures this group hands out.
+    future_type: type[RunFuture[Any]] = RunFuture
+
     def resolved(
         self, index: int, name: str | None, entry: Entry, outcome: Outcome
     ) -> RunFuture[Any]:
         """A future whose entry is already journaled (replay): complete at once."""
-        fut: RunFuture[Any] = RunFuture(self, index, name)
+        fut: RunFuture[Any] = self.future_type(self, index, name)
         with self._cond:
             slot = self._slots[index] = Slot(fut, outcome)
-            self._settle(slot, entry=entry)
+            self.settle_slot(slot, entry=entry)
         return fut
 
     def start(self, index: int, name: str | None, task: Task, outcome: Outcome) -> RunFuture[Any]:
@@ -192,10 +196,10 @@ class FutureGroup:
                 entry, cause = task()
             except BaseException as exc:
                 # Kept for result()/wait; the worker thread must not die with it.
-                self._fail(slot, exc)
+                self.fail(slot, exc)
             else:
                 with self._cond:
-                    self._settle(slot, entry=entry, cause=cause)
+                    self.settle_slot(slot, entry=entry, cause=cause)
 
         try:
             slot.submitted = self.executor.submit(work)
@@ -204,15 +208,15 @@ class FutureGroup:
                 f"run_async {fut!r} of invocation {self.invocation_id!r} cannot start: the "
                 f"Runtime's executor is shut down (Runtime.close() was called): {exc}"
             )
-            self._fail(slot, error)
+            self.fail(slot, error)
             raise error from exc
         return fut
 
-    def _fail(self, slot: Slot, error: BaseException) -> None:
+    def fail(self, slot: Slot, error: BaseException) -> None:
         with self._cond:
-            self._settle(slot, error=error)
+            self.settle_slot(slot, error=error)
 
-    def _settle(
+    def settle_slot(
         self,
         slot: Slot,
         *,
@@ -239,7 +243,7 @@ class FutureGroup:
     def result(self, index: int) -> Any:
         """The value of the future at ``index`` once complete, or its error raised."""
         slot = self._slots[index]
-        self._check_usable("RunFuture.result()")
+        self.check_usable("RunFuture.result()")
         with self._cond:
             self._cond.wait_for(lambda: slot.state is not State.RUNNING)
         slot.retrieved = True
@@ -341,8 +345,16 @@ class FutureGroup:
             self._cond.wait_for(
                 lambda: all(s.state is not State.RUNNING for s in self._slots.values())
             )
-            slots = sorted(self._slots.values(), key=lambda s: s.future.index)
-        for slot in slots:
+        self.report_unretrieved(strict=strict)
+
+    def slots(self) -> list[Slot]:
+        """Every future's slot, by index."""
+        with self._cond:
+            return sorted(self._slots.values(), key=lambda s: s.future.index)
+
+    def report_unretrieved(self, *, strict: bool) -> None:
+        """Once every future has ended: raise (``strict``) or log what nobody retrieved."""
+        for slot in self.slots():
             message = slot.unretrieved_failure()
             if message is None:
                 continue
@@ -362,7 +374,7 @@ class FutureGroup:
             slots = list(self._slots.values())
         for slot in slots:
             if slot.submitted is not None and slot.submitted.cancel():
-                self._fail(
+                self.fail(
                     slot,
                     CancelledError(f"{slot.future!r} was cancelled: the handler was interrupted"),
                 )

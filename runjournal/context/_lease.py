@@ -199,6 +199,17 @@ class Liveness:
         """Until when (monotonic) a lease taken now may be trusted without renewal."""
         return self._monotonic() + self.lease * TRUST
 
+    def stale(self) -> bool:
+        """Whether :meth:`refresh` would write (a liveness record whose renewal is stale)."""
+        return self._record is not None and self._monotonic() >= self._trusted_until
+
+    def fresh(self, incarnation: int, trusted_until: float) -> bool:
+        """Whether :meth:`check` would pass without touching the journal."""
+        now = self._monotonic()
+        return incarnation == self._incarnation and (
+            now < trusted_until or now < self._trusted_until
+        )
+
     def refresh(self) -> None:
         """Before taking a lease: renew a liveness record whose renewal has gone stale.
 

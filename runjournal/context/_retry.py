@@ -14,7 +14,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import attrs
@@ -36,6 +36,7 @@ __all__ = [
     "Resume",
     "Succeeded",
     "SystemClock",
+    "acall_with_retry",
     "call_with_retry",
     "is_testing",
     "set_testing",
@@ -375,3 +376,74 @@ def call_with_retry(
         failure = None
         if not _testing.is_set():
             clock.sleep(step)
+
+
+async def acall_with_retry(
+    fn: Callable[[int], Awaitable[Any]],
+    schedule: Callable[[Resume], RetrySchedule],
+    *,
+    resume: Resume = FRESH,
+    clock: Clock,
+    sleep: Callable[[float], Awaitable[None]],
+    before_attempt: Callable[[int], Awaitable[None] | None] | None = None,
+    after_failure: Callable[[int, Exception], Awaitable[None] | None] | None = None,
+    first_failure: tuple[Exception, float] | None = None,
+) -> Succeeded | Failed:
+    """:func:`call_with_retry` for async steps: the same schedule, and waits through
+    ``sleep`` (``asyncio.sleep``) so the event loop runs on. The hooks return what to
+    await, or None when there is nothing to wait for (the common case, kept cheap).
+
+    ``first_failure``: attempt 1 already ran (the caller's fast path) and raised
+    this, that many seconds after it started.
+    """
+    failure: Exception | None = None
+    if first_failure is not None:
+        failure, elapsed = first_failure
+        state = schedule(Resume(elapsed=elapsed))
+        state.begin()
+    elif resume is FRESH:
+        started = clock.monotonic()
+        if before_attempt is not None:
+            pending = before_attempt(1)
+            if pending is not None:
+                await pending
+        try:
+            return Succeeded(await fn(1), 1)
+        except TerminalError as exc:
+            return Failed(exc, 1)
+        except NOT_RETRIED:
+            raise
+        except Exception as exc:
+            failure = exc
+        state = schedule(Resume(elapsed=clock.monotonic() - started))
+        state.begin()
+    else:
+        state = schedule(resume)
+        ended = state.resumed(resume)
+        if ended is not None:
+            return ended
+    while True:
+        if failure is None:
+            attempt = state.begin()
+            if before_attempt is not None:
+                pending = before_attempt(attempt)
+                if pending is not None:
+                    await pending
+            try:
+                return Succeeded(await fn(attempt), attempt)
+            except TerminalError as exc:
+                return Failed(exc, attempt)
+            except NOT_RETRIED:
+                raise
+            except Exception as exc:
+                failure = exc
+        step = state.failed(failure)
+        if isinstance(step, Failed):
+            return step
+        if after_failure is not None:
+            pending = after_failure(state.attempt, failure)
+            if pending is not None:
+                await pending
+        failure = None
+        if not _testing.is_set():
+            await sleep(step)

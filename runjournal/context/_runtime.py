@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import importlib
 import inspect
@@ -11,15 +12,17 @@ import random
 import threading
 import time
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import attrs
 
+from runjournal.context._async import AsyncAttempt, AsyncContext, is_async_callable
 from runjournal.context._attempt import Attempt
 from runjournal.context._context import Context
 from runjournal.context._errors import (
+    ContextMisuseError,
     HandlerNotFound,
     InvocationMismatch,
     InvocationTimeout,
@@ -39,8 +42,10 @@ from runjournal.context._lease import (
 )
 from runjournal.context._options import Duration, RunOptions, seconds
 from runjournal.context._retry import Clock, RetryHook, SystemClock
+from runjournal.context._writer import JournalWriter
 from runjournal.journal import (
     Codec,
+    CreateInvocation,
     Invocation,
     InvocationStatus,
     JournalBackend,
@@ -55,7 +60,7 @@ __all__ = ["HandlerSpec", "RecoveryResult", "Runtime"]
 log = logging.getLogger("runjournal")
 
 F = TypeVar("F", bound=Callable[..., Any])
-Handler = Callable[[Context, Any], Any]
+Handler = Callable[[Any, Any], Any]  # fn(ctx, input); ctx a Context or AsyncContext
 
 #: The longest pause between two looks at an invocation another worker runs.
 _MAX_POLL = 1.0
@@ -63,11 +68,15 @@ _MAX_POLL = 1.0
 
 @attrs.frozen
 class HandlerSpec:
-    """A registered handler: its stable name, function and input/output codec."""
+    """A registered handler: its stable name, function and input/output codec.
+
+    ``is_async``: an ``async def`` handler (it gets an :class:`AsyncContext`).
+    """
 
     name: str
     fn: Handler
     codec: Codec
+    is_async: bool = False
 
 
 @attrs.frozen
@@ -103,6 +112,13 @@ class _Done:
     """An invocation's outcome, as invoke returns it."""
 
     value: Any
+
+
+@attrs.frozen
+class _Mine:
+    """This caller runs the invocation here; ``event`` is set when it stops."""
+
+    event: threading.Event
 
 
 def _open_default(url: str | Mapping[str, Any] | None) -> JournalBackend:
@@ -214,6 +230,12 @@ class Runtime:
         self._lock = threading.Lock()
         self._closing = threading.Event()
         self._recovery_thread: threading.Thread | None = None
+        self._recovery_task: asyncio.Task[None] | None = None
+        self._writer = JournalWriter(lambda: self.backend, worker_id)
+        self._loop: asyncio.AbstractEventLoop | None = None  # runs async handlers for sync callers
+        self._loop_thread: threading.Thread | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+        self._warned_blocking = False
 
     def after_fork(self) -> None:
         """Called in a forked child: this process is a new worker with threads of its own."""
@@ -240,7 +262,9 @@ class Runtime:
             _check_handler(name, fn)
             if name in self._handlers and self._handlers[name].fn is not fn:
                 raise ValueError(f"a handler named {name!r} is already registered")
-            self._handlers[name] = HandlerSpec(name, fn, codec or self.codec)
+            self._handlers[name] = HandlerSpec(
+                name, fn, codec or self.codec, is_async=is_async_callable(fn)
+            )
             return fn
 
         return register
@@ -291,6 +315,43 @@ class Runtime:
                 pending for a later ``invoke`` or :meth:`recover`.
         """
         spec = self._spec(handler)
+        inv_id, input_bytes, deadline = self._prepare(spec, input, invocation_id, timeout)
+        if spec.is_async:
+            self._warn_if_blocking("invoke")
+            return self._on_loop(self._ainvoke(spec, inv_id, input_bytes, deadline))
+        self._warn_if_blocking("invoke")
+        return self._invoke(spec, inv_id, input_bytes, deadline)
+
+    async def ainvoke(
+        self,
+        handler: str | Callable[..., Any],
+        input: Any = None,
+        *,
+        invocation_id: str | None = None,
+        timeout: Duration | None = None,
+    ) -> Any:
+        """:meth:`invoke` for asyncio code: the event loop never waits on the journal.
+
+        An ``async def`` handler runs on the calling loop (its plain-function
+        closures in worker threads); a sync handler runs whole in a worker
+        thread. Same arguments, outcome and errors as :meth:`invoke`.
+        """
+        spec = self._spec(handler)
+        if not spec.is_async:
+            return await asyncio.to_thread(
+                self.invoke, handler, input, invocation_id=invocation_id, timeout=timeout
+            )
+        inv_id, input_bytes, deadline = self._prepare(spec, input, invocation_id, timeout)
+        return await self._ainvoke(spec, inv_id, input_bytes, deadline)
+
+    def _prepare(
+        self,
+        spec: HandlerSpec,
+        input: Any,
+        invocation_id: str | None,
+        timeout: Duration | None,
+    ) -> tuple[str, bytes, float | None]:
+        """The id, the encoded input and the deadline of an invoke call."""
         if invocation_id is None:
             inv_id = new_invocation_id()
         else:
@@ -302,7 +363,30 @@ class Runtime:
                 )
         input_bytes = encode_value(spec.codec, input, f"handler {spec.name!r}: the input")
         deadline = None if timeout is None else time.monotonic() + seconds(timeout, "timeout")
-        return self._invoke(spec, inv_id, input_bytes, deadline)
+        return inv_id, input_bytes, deadline
+
+    def _new_record(self, spec: HandlerSpec, inv_id: str, input_bytes: bytes) -> Invocation:
+        now = time.time()
+        return Invocation(
+            id=inv_id,
+            handler=spec.name,
+            input=input_bytes,
+            codec=spec.codec.name,
+            created_at=now,
+            updated_at=now,
+            lease=self._liveness.new_lease(),
+        )
+
+    def _warn_if_blocking(self, what: str) -> None:
+        if self._warned_blocking or not _loop_running_here():
+            return
+        self._warned_blocking = True
+        log.warning(
+            "rt.%s() was called from a running event loop: it blocks that loop until the "
+            "invocation ends; use `await rt.a%s(...)` in async code",
+            what,
+            what,
+        )
 
     def _invoke(
         self, spec: HandlerSpec, inv_id: str, input_bytes: bytes, deadline: float | None
@@ -315,17 +399,8 @@ class Runtime:
             try:
                 self._liveness.refresh()
                 trust = self._liveness.trust_from_now()
-                now = time.time()
                 stored, created = self.backend.create_invocation(
-                    Invocation(
-                        id=inv_id,
-                        handler=spec.name,
-                        input=input_bytes,
-                        codec=spec.codec.name,
-                        created_at=now,
-                        updated_at=now,
-                        lease=self._liveness.new_lease(),
-                    )
+                    self._new_record(spec, inv_id, input_bytes)
                 )
                 if not created:
                     self._check_same(stored, spec, input_bytes)
@@ -439,16 +514,10 @@ class Runtime:
         ``fresh``: the invocation was just created, so no entries are read.
         ``trust``: until when (monotonic) its lease holds without a renewal.
         """
-        assert claimed.lease is not None
-        incarnation = claimed.lease.incarnation
-        inv_id = claimed.id
-
-        def guard() -> None:
-            if self._closing.is_set():
-                raise LeaseLost(inv_id, "this Runtime is closing")
-            self._liveness.check(incarnation, trust, inv_id)
-
-        recorded = [] if fresh else self.backend.read_entries(inv_id)
+        if spec.is_async:
+            return self._on_loop(self._adrive(spec, claimed, fresh=fresh, trust=trust))
+        guard = self._guard(claimed, trust)
+        recorded = [] if fresh else self.backend.read_entries(claimed.id)
         attempt = Attempt(
             self.backend,
             claimed,
@@ -466,6 +535,19 @@ class Runtime:
             return self._run_attempt(spec, attempt)
         finally:
             attempt.end()
+
+    def _guard(self, claimed: Invocation, trust: float) -> Callable[[], None]:
+        """The lease check of an attempt: raises LeaseLost once the lease is gone."""
+        assert claimed.lease is not None
+        incarnation = claimed.lease.incarnation
+        inv_id = claimed.id
+
+        def guard() -> None:
+            if self._closing.is_set():
+                raise LeaseLost(inv_id, "this Runtime is closing")
+            self._liveness.check(incarnation, trust, inv_id)
+
+        return guard
 
     def _run_attempt(self, spec: HandlerSpec, attempt: Attempt) -> Any:
         inv_id = attempt.invocation_id
@@ -500,6 +582,174 @@ class Runtime:
         )
         done = attempt.complete(InvocationStatus.COMPLETED, output=output)
         return self._finished(spec, done)
+
+    # -- async invocations ---------------------------------------------------------
+
+    async def _ainvoke(
+        self, spec: HandlerSpec, inv_id: str, input_bytes: bytes, deadline: float | None
+    ) -> Any:
+        while True:
+            self._check_open()
+            done = self._local_turn_nowait(inv_id)
+            if not isinstance(done, _Mine):
+                # Another thread or task of this worker runs it: wait off the loop.
+                if not await asyncio.to_thread(done.wait, _remaining(deadline)):
+                    raise InvocationTimeout(
+                        f"invocation {inv_id!r} is still running elsewhere in this worker"
+                    )
+                continue
+            try:
+                if self._liveness.stale():
+                    await asyncio.to_thread(self._liveness.refresh)
+                trust = self._liveness.trust_from_now()
+                stored, created = await self._writer.write(
+                    CreateInvocation(self._new_record(spec, inv_id, input_bytes))
+                )
+                if not created:
+                    self._check_same(stored, spec, input_bytes)
+                outcome = await self._atake_and_run(spec, stored, fresh=created, trust=trust)
+            finally:
+                done.event.set()
+                with self._lock:
+                    self._running.pop(inv_id, None)
+            if isinstance(outcome, _Done):
+                return outcome.value
+            await asyncio.to_thread(self._await_holder, inv_id, outcome, deadline)
+
+    def _local_turn_nowait(self, inv_id: str) -> _Mine | threading.Event:
+        """Mark ``inv_id`` as run here, or return the event of whoever runs it here."""
+        with self._lock:
+            running = self._running.get(inv_id)
+            if running is not None:
+                return running
+            event = self._running[inv_id] = threading.Event()
+        return _Mine(event)
+
+    async def _atake_and_run(
+        self, spec: HandlerSpec, stored: Invocation, *, fresh: bool, trust: float
+    ) -> _Done | Held:
+        """:meth:`_take_and_run` for an async handler, on the calling loop."""
+        if stored.status is not InvocationStatus.PENDING:
+            return _Done(self._finished(spec, stored))
+        if fresh:
+            claimed: Invocation | Held = stored
+        else:
+            trust = self._liveness.trust_from_now()
+            claimed = await asyncio.to_thread(self._claim, stored)
+        if isinstance(claimed, Held):
+            return claimed
+        try:
+            return _Done(await self._adrive(spec, claimed, fresh=fresh, trust=trust))
+        except LeaseLost:
+            if self._closing.is_set():
+                raise
+            return Held("another worker", time.time())
+
+    async def _adrive(
+        self, spec: HandlerSpec, claimed: Invocation, *, fresh: bool, trust: float
+    ) -> Any:
+        """Run a pending invocation of an async handler, whose lease this worker holds."""
+        guard = self._guard(claimed, trust)
+        assert claimed.lease is not None
+        incarnation = claimed.lease.incarnation
+
+        def aguard() -> Awaitable[None] | None:
+            if self._closing.is_set() or not self._liveness.fresh(incarnation, trust):
+                return asyncio.to_thread(guard)  # may renew: a write, off the loop
+            return None
+
+        recorded = [] if fresh else await asyncio.to_thread(self.backend.read_entries, claimed.id)
+        attempt = AsyncAttempt(
+            self.backend,
+            claimed,
+            recorded,
+            handler=spec.name,
+            defaults=self.options,
+            clock=self.clock,
+            on_retry=self.on_retry,
+            executor=self._executor,
+            guard=guard,
+            rng=self._rng,
+            writer=self._writer,
+            aguard=aguard,
+        )
+        self._liveness.start()
+        try:
+            return await self._arun_attempt(spec, attempt)
+        finally:
+            attempt.end()
+
+    async def _arun_attempt(self, spec: HandlerSpec, attempt: AsyncAttempt) -> Any:
+        inv_id = attempt.invocation_id
+        where = f"handler {spec.name!r} (invocation {inv_id!r})"
+        input_value = decode_value(
+            spec.codec, attempt.record.input, f"{where}: the journaled input"
+        )
+        try:
+            result = await spec.fn(AsyncContext(attempt), input_value)
+        except TerminalError as exc:
+            await attempt.asettle(strict=False)
+            done = await attempt.acomplete(InvocationStatus.FAILED, failure=failure_of(exc))
+            return self._finished(spec, done, cause=exc)
+        except LeaseLost:
+            await attempt.asettle(strict=False)
+            if self._closing.is_set():
+                await asyncio.to_thread(self._release, attempt)
+            raise
+        except Exception:
+            await attempt.asettle(strict=False)
+            await asyncio.to_thread(self._release, attempt)
+            raise
+        except asyncio.CancelledError:
+            # The task was cancelled (a client went away, a shutdown): nothing
+            # half-done is journaled, and the invocation is left to arecover().
+            attempt.abandon()
+            self._release_soon(attempt)
+            raise
+        except BaseException:
+            attempt.abandon()
+            raise
+        if attempt.interrupted is not None:
+            await attempt.asettle(strict=False)
+            await asyncio.to_thread(self._release, attempt)
+            raise ContextMisuseError(
+                f"{where}: the step at index {attempt.interrupted} was cancelled (by "
+                "asyncio.timeout, or a cancelled task) and the handler went on; the "
+                "invocation stays pending, since a replay would run that step"
+            )
+        await attempt.asettle(strict=True)
+        output = encode_value(
+            spec.codec, result, f"{where}: the output (the invocation stays pending)"
+        )
+        done = await attempt.acomplete(InvocationStatus.COMPLETED, output=output)
+        return self._finished(spec, done)
+
+    def _release_soon(self, attempt: Attempt) -> None:
+        """Release the lease from a worker thread (a cancelled task must not wait)."""
+        try:
+            self._executor.submit(self._release, attempt)
+        except RuntimeError:  # the executor is shut down: release right here
+            self._release(attempt)
+
+    def _on_loop(self, work: Coroutine[Any, Any, Any]) -> Any:
+        """Run ``work`` on this Runtime's own event loop (a thread started on first use)
+        and wait for it: how sync callers run async handlers."""
+        with self._lock:
+            if self._loop is None:
+                loop = asyncio.new_event_loop()
+                thread = threading.Thread(
+                    target=loop.run_forever, name=f"runjournal-loop-{self.worker_id}", daemon=True
+                )
+                thread.start()
+                self._loop, self._loop_thread = loop, thread
+            loop = self._loop
+        if threading.current_thread() is self._loop_thread:
+            work.close()
+            raise RuntimeError(
+                "a sync Runtime call was made from this Runtime's own event loop; use the "
+                "async form (ainvoke, arecover)"
+            )
+        return asyncio.run_coroutine_threadsafe(work, loop).result()
 
     def _release(self, attempt: Attempt) -> None:
         """Give up the lease of an invocation left pending, so any worker may resume it."""
@@ -578,19 +828,30 @@ class Runtime:
         return [results[i] for i in sorted(results)]
 
     def start_recovery(self, interval: Duration | None = None) -> None:
-        """Keep taking over orphaned invocations in a background thread, until :meth:`close`.
+        """Keep taking over orphaned invocations in the background, until :meth:`close`.
 
         Every ``interval`` (default: a third of the lease) it looks for pending
         invocations whose owner's lease expired and runs them, as
-        :meth:`recover` does, without waiting for them. Calling it again
-        changes nothing.
+        :meth:`recover` does, without waiting for them. Called from a running
+        event loop, it is a task of that loop (async handlers run on it, as
+        with :meth:`arecover`); otherwise a thread. Calling it again changes
+        nothing.
         """
         self._check_open()
         every = self.lease / 3 if interval is None else seconds(interval, "interval")
         if not every > 0:
             raise ValueError(f"interval must be a positive duration, got {interval!r}")
+        if _loop_running_here():
+            # In an asyncio service: a task of this loop, so async handlers run on it.
+            with self._lock:
+                if self._recovery_task is not None or self._recovery_thread is not None:
+                    return
+                self._recovery_task = asyncio.get_running_loop().create_task(
+                    self._arecovery_loop(every)
+                )
+            return
         with self._lock:
-            if self._recovery_thread is not None:
+            if self._recovery_thread is not None or self._recovery_task is not None:
                 return
             thread = threading.Thread(
                 target=self._recovery_loop,
@@ -658,39 +919,102 @@ class Runtime:
         return pool.submit(self._recover_one, stored)
 
     def _recover_one(self, stored: Invocation) -> RecoveryResult:
-        inv_id, handler = stored.id, stored.handler
+        inv_id = stored.id
+        with self._lock:
+            self._queued.discard(inv_id)
+            if inv_id in self._running:
+                return _skipped(stored, "it is already running in this worker")
+            done = self._running[inv_id] = threading.Event()
         try:
+            self._liveness.refresh()
+            latest = self.backend.get_invocation(inv_id)
+            if latest is None:
+                return _skipped(stored, "it was deleted")
+            outcome = self._take_and_run(
+                self._handlers[stored.handler], latest, fresh=False, trust=float("-inf")
+            )
+        except Exception as exc:
+            return _recovery_error(stored, exc)
+        finally:
+            done.set()
+            with self._lock:
+                self._running.pop(inv_id, None)
+        return _recovery_done(stored, outcome)
+
+    async def _arecover_one(self, stored: Invocation, gate: asyncio.Semaphore) -> RecoveryResult:
+        """:meth:`_recover_one` on the calling loop (a sync handler's in a worker thread)."""
+        async with gate:
+            spec = self._handlers[stored.handler]
+            if not spec.is_async:
+                return await asyncio.to_thread(self._recover_one, stored)
+            inv_id = stored.id
             with self._lock:
                 self._queued.discard(inv_id)
                 if inv_id in self._running:
                     return _skipped(stored, "it is already running in this worker")
                 done = self._running[inv_id] = threading.Event()
             try:
-                self._liveness.refresh()
-                latest = self.backend.get_invocation(inv_id)
+                if self._liveness.stale():
+                    await asyncio.to_thread(self._liveness.refresh)
+                latest = await asyncio.to_thread(self.backend.get_invocation, inv_id)
                 if latest is None:
                     return _skipped(stored, "it was deleted")
-                outcome = self._take_and_run(
-                    self._handlers[handler], latest, fresh=False, trust=float("-inf")
-                )
+                outcome = await self._atake_and_run(spec, latest, fresh=False, trust=float("-inf"))
+            except Exception as exc:
+                return _recovery_error(stored, exc)
             finally:
                 done.set()
                 with self._lock:
                     self._running.pop(inv_id, None)
-        except TerminalError as exc:
-            return RecoveryResult(inv_id, handler, InvocationStatus.FAILED, error=exc)
-        except Exception as exc:
-            log.warning(
-                "recover: %r is still pending: %s: %s",
-                inv_id,
-                type(exc).__name__,
-                exc,
-                extra={"invocation_id": inv_id, "handler": handler},
-            )
-            return RecoveryResult(inv_id, handler, InvocationStatus.PENDING, error=exc)
-        if isinstance(outcome, Held):
-            return _skipped(stored, f"worker {outcome.owner!r} holds it")
-        return RecoveryResult(inv_id, handler, InvocationStatus.COMPLETED, outcome.value)
+            return _recovery_done(stored, outcome)
+
+    async def arecover(self, *, timeout: Duration | None = None) -> list[RecoveryResult]:
+        """:meth:`recover` for asyncio code: async handlers run as tasks on the calling
+        loop (``max_recoveries`` at once), sync ones in worker threads; the loop never
+        waits on the journal. Same results as :meth:`recover`; those still running
+        when ``timeout`` passes go on as tasks of this loop."""
+        self._check_open()
+        limit = None if timeout is None else seconds(timeout, "timeout")
+        gate = asyncio.Semaphore(self.max_recoveries)
+        results: dict[str, RecoveryResult] = {}
+        started: dict[asyncio.Task[RecoveryResult], Invocation] = {}
+        for stored, skipped in await asyncio.to_thread(self._orphans):
+            if skipped is not None:
+                results[stored.id] = _skipped(stored, skipped)
+            else:
+                started[self._spawn_recovery(stored, gate)] = stored
+        done: set[asyncio.Task[RecoveryResult]] = set()
+        if started:
+            done, _ = await asyncio.wait(started, timeout=limit)
+        for task, stored in started.items():
+            if task in done:
+                results[stored.id] = task.result()
+            else:
+                results[stored.id] = RecoveryResult(
+                    stored.id, stored.handler, InvocationStatus.PENDING, running=True
+                )
+        return [results[i] for i in sorted(results)]
+
+    def _spawn_recovery(
+        self, stored: Invocation, gate: asyncio.Semaphore
+    ) -> asyncio.Task[RecoveryResult]:
+        with self._lock:
+            self._queued.add(stored.id)
+        task = asyncio.get_running_loop().create_task(self._arecover_one(stored, gate))
+        self._background.add(task)  # kept alive until it ends
+        task.add_done_callback(self._background.discard)
+        return task
+
+    async def _arecovery_loop(self, every: float) -> None:
+        gate = asyncio.Semaphore(self.max_recoveries)
+        while not self._closing.is_set():
+            try:
+                for stored, skipped in await asyncio.to_thread(self._orphans):
+                    if skipped is None:
+                        self._spawn_recovery(stored, gate)
+            except Exception:  # the loop must outlive a journal hiccup
+                log.exception("recovery pass of worker %r failed", self.worker_id)
+            await asyncio.sleep(every)
 
     # -- looking -------------------------------------------------------------------
 
@@ -728,14 +1052,30 @@ class Runtime:
         thread = self._recovery_thread
         if thread is not None and thread is not threading.current_thread():
             thread.join()
+        task = self._recovery_task
+        if task is not None:
+            task.get_loop().call_soon_threadsafe(task.cancel)
         with self._lock:
             pool = self._recovery_pool
         if pool is not None:
             pool.shutdown(wait=True)
         self._executor.shutdown(wait=True)
+        loop, loop_thread = self._loop, self._loop_thread
+        if loop is not None and loop_thread is not None:
+            loop.call_soon_threadsafe(loop.stop)
+            loop_thread.join()
+            loop.close()
+        self._writer.close()
         self._liveness.release()
         if self._owns_backend:
             self.backend.close()
+
+    async def aclose(self) -> None:
+        """:meth:`close` for asyncio code: waits in a worker thread, not on the loop."""
+        task = self._recovery_task
+        if task is not None and task.get_loop() is asyncio.get_running_loop():
+            task.cancel()
+        await asyncio.to_thread(self.close)
 
     def __enter__(self) -> Runtime:
         return self
@@ -755,12 +1095,39 @@ def _idle_here(lease: Lease, invocation_id: str) -> bool:
     )
 
 
+def _loop_running_here() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
 def _remaining(deadline: float | None) -> float | None:
     return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
 def _when(wall: float) -> str:
     return time.strftime("%H:%M:%S", time.localtime(wall))
+
+
+def _recovery_error(stored: Invocation, exc: Exception) -> RecoveryResult:
+    if isinstance(exc, TerminalError):
+        return RecoveryResult(stored.id, stored.handler, InvocationStatus.FAILED, error=exc)
+    log.warning(
+        "recover: %r is still pending: %s: %s",
+        stored.id,
+        type(exc).__name__,
+        exc,
+        extra={"invocation_id": stored.id, "handler": stored.handler},
+    )
+    return RecoveryResult(stored.id, stored.handler, InvocationStatus.PENDING, error=exc)
+
+
+def _recovery_done(stored: Invocation, outcome: _Done | Held) -> RecoveryResult:
+    if isinstance(outcome, Held):
+        return _skipped(stored, f"worker {outcome.owner!r} holds it")
+    return RecoveryResult(stored.id, stored.handler, InvocationStatus.COMPLETED, outcome.value)
 
 
 def _skipped(stored: Invocation, why: str) -> RecoveryResult:
@@ -778,10 +1145,4 @@ def _check_handler(name: str, fn: object) -> None:
         raise TypeError(
             f"handler {name!r} is a generator function; a handler returns its output once "
             "(its return value is journaled), so return a value instead of yielding"
-        )
-    if inspect.iscoroutinefunction(target):
-        raise TypeError(
-            f"handler {name!r} is an async def function; this version of runjournal runs "
-            "sync handlers only. Make it a plain def (run async code inside a step with "
-            "asyncio.run), or wait for async handler support"
         )
