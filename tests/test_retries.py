@@ -755,6 +755,58 @@ def test_run_async_attempts_are_durable_across_a_crash(start: Callable[..., Runt
     assert step.attempts == [1, 2, 3, 4]
 
 
+# -- async def handlers ------------------------------------------------------------------
+
+
+def async_step(rt: Runtime, step: Closure, kind: str, **options: Any) -> None:
+    """Register handler ``h``, an ``async def`` running ``step`` as a coroutine closure
+    (on the loop) or as a plain one (in a worker thread)."""
+
+    async def coroutine() -> Any:
+        return step()
+
+    closure: Callable[[], Any] = coroutine if kind == "coroutine" else step
+
+    @rt.handler("h")
+    async def h(ctx: Any, _: Any) -> Any:
+        return await ctx.run(closure, name="charge", **options)
+
+
+@pytest.mark.parametrize("kind", ["coroutine", "plain"])
+def test_async_handlers_keep_the_attempt_count_across_a_crash(
+    start: Callable[..., Runtime], kind: str
+) -> None:
+    step = Closure("fail", "crash", "fail", "fail")
+    first = start()
+    async_step(first, step, kind, max_retry_attempts=2)
+    with pytest.raises(Crash):
+        first.invoke("h", invocation_id="inv")
+    again = start()
+    async_step(again, step, kind, max_retry_attempts=2)
+    with pytest.raises(TerminalError, match=r"gave up after 3 attempts \(max_retry_attempts=2"):
+        again.invoke("h", invocation_id="inv")
+    assert step.attempts == [1, 2, 3]
+    assert {(i.invocation_id, i.index, i.name, i.idempotency_key) for i in step.seen} == {
+        ("inv", 0, "charge", step.seen[0].idempotency_key)
+    }
+
+
+@pytest.mark.parametrize("kind", ["coroutine", "plain"])
+def test_async_at_most_once_steps_are_not_run_again(
+    start: Callable[..., Runtime], kind: str
+) -> None:
+    step = Closure("fail", "crash", "never")
+    first = start()
+    async_step(first, step, kind, at_most_once=True, max_retry_attempts=1)
+    with pytest.raises(Crash):
+        first.invoke("h", invocation_id="inv")
+    again = start()
+    async_step(again, step, kind, at_most_once=True, max_retry_attempts=1)
+    with pytest.raises(StepInterrupted, match="attempt 2 started and never finished"):
+        again.invoke("h", invocation_id="inv")
+    assert step.attempts == [1, 2]
+
+
 # -- the retry hook ----------------------------------------------------------------------
 
 
