@@ -431,7 +431,7 @@ class AsyncAttempt(Attempt):
             marker = _closure_of.set(self)
             token = enter_step(self.invocation_id, index, name, 1)
             try:
-                return self.entry_for(Succeeded(await fn(), 1), index, name, opts)
+                value = await fn()
             except TerminalError as exc:
                 return self.entry_for(Failed(exc, 1), index, name, opts)
             except NOT_RETRIED:
@@ -441,6 +441,8 @@ class AsyncAttempt(Attempt):
             finally:
                 leave_step(token)
                 _closure_of.reset(marker)
+            if first is None:  # encoded outside the try: a codec error is never retried
+                return self.entry_for(Succeeded(value, 1), index, name, opts)
         step = AsyncStep(self, fn, index, name, opts, progress)
         outcome = await acall_with_retry(
             step.acall,
