@@ -211,6 +211,9 @@ class AsyncAttempt(Attempt):
         self._aguard = aguard
         self._task = asyncio.current_task()
         self.interrupted: int | None = None  # the index of a step cancelled while it ran
+        # Operations called whose awaiting has not begun (index -> what), so a forgotten
+        # `await` is an error instead of a step that silently never runs.
+        self.unawaited: dict[int, str] = {}
 
     # -- who may act -------------------------------------------------------------
 
@@ -255,6 +258,8 @@ class AsyncAttempt(Attempt):
         self.check_usable("ctx.run()")
         opts = resolve_options(self._defaults, options, overrides)
         index, recorded = self._cursor.reserve(EntryKind.RUN, name)
+        if recorded is None:
+            self.unawaited[index] = describe(EntryKind.RUN, name)
         return self._astep(fn, index, name, opts, recorded)
 
     async def _astep(
@@ -265,6 +270,7 @@ class AsyncAttempt(Attempt):
         opts: RunOptions,
         recorded: Entry | None,
     ) -> Any:
+        self.unawaited.pop(index, None)
         cause = None
         if recorded is None:
             try:
@@ -317,11 +323,14 @@ class AsyncAttempt(Attempt):
         self.check_usable("ctx.wait_first()")
         members = self._futures.check_members("wait_first", futs)
         index, recorded = self._cursor.reserve(EntryKind.WAIT_FIRST, None)
+        if recorded is None:
+            self.unawaited[index] = "ctx.wait_first()"
         return self._await_first(index, recorded, members)
 
     async def _await_first(
         self, index: int, recorded: Entry | None, members: list[Slot]
     ) -> RunFuture[Any]:
+        self.unawaited.pop(index, None)
         group = self._futures
         assert isinstance(group, AsyncFutureGroup)
         if recorded is None:
@@ -344,6 +353,8 @@ class AsyncAttempt(Attempt):
         self.check_usable("ctx.wait()")
         members = self._futures.check_members("wait", futs)
         index, recorded = self._cursor.reserve(EntryKind.WAIT, None)
+        if recorded is None:
+            self.unawaited[index] = "ctx.wait()"
 
         async def in_order() -> AsyncIterator[RunFuture[Any]]:
             for fut in await self._await_all(index, recorded, members):
@@ -354,6 +365,7 @@ class AsyncAttempt(Attempt):
     async def _await_all(
         self, index: int, recorded: Entry | None, members: list[Slot]
     ) -> list[RunFuture[Any]]:
+        self.unawaited.pop(index, None)
         group = self._futures
         assert isinstance(group, AsyncFutureGroup)
         if recorded is None:
@@ -382,6 +394,18 @@ class AsyncAttempt(Attempt):
                 asked=f"{recorded.kind.value} among indexes {sorted(asked)}",
             )
         return chosen
+
+    def never_awaited(self) -> str | None:
+        """Why the handler may not complete: ctx operations it called and never awaited."""
+        if not self.unawaited:
+            return None
+        which = ", ".join(f"index {i} ({what})" for i, what in sorted(self.unawaited.items()))
+        return (
+            f"ctx operations were called and never awaited: {which}; in an async handler "
+            "each is awaited (`await ctx.run(...)`, `await ctx.run_void(...)`, `await "
+            "ctx.wait_first(...)`, `async for fut in ctx.wait(...)`), or it does not run. "
+            "The invocation stays pending"
+        )
 
     def _interruptible(self, index: int) -> _Interruptible:
         return _Interruptible(self, index)
@@ -549,6 +573,10 @@ def _indexes(slots: list[Slot]) -> list[int]:
     return [slot.future.index for slot in slots]
 
 
+async def _discard(awaitable: Awaitable[Any]) -> None:
+    await awaitable
+
+
 class AsyncContext:
     """Durable operations for one attempt of an ``async def`` handler.
 
@@ -601,9 +629,13 @@ class AsyncContext:
         async def call_async() -> None:
             await fn()  # type: ignore[misc]
 
-        def call() -> None:
-            fn()
+        def call() -> Awaitable[None] | None:
+            result = fn()
+            # A plain function may return an awaitable (`lambda: send(x)`), as with run:
+            # it runs (on the loop); its value is not kept.
+            return _discard(result) if inspect.isawaitable(result) else None
 
+        self._attempt.check_usable("ctx.run_void()")
         inner: Any = call_async if is_async_callable(fn) else call
         return self._void(self._attempt.arun(inner, name, options, option_kwargs))
 

@@ -717,6 +717,11 @@ class Runtime:
                 "asyncio.timeout, or a cancelled task) and the handler went on; the "
                 "invocation stays pending, since a replay would run that step"
             )
+        never_awaited = attempt.never_awaited()
+        if never_awaited is not None:
+            await attempt.asettle(strict=False)
+            await asyncio.to_thread(self._release, attempt)
+            raise ContextMisuseError(f"{where}: {never_awaited}")
         await attempt.asettle(strict=True)
         output = encode_value(
             spec.codec, result, f"{where}: the output (the invocation stays pending)"
