@@ -214,6 +214,9 @@ class AsyncAttempt(Attempt):
         # Operations called whose awaiting has not begun (index -> what), so a forgotten
         # `await` is an error instead of a step that silently never runs.
         self.unawaited: dict[int, str] = {}
+        # Steps running in other tasks than the handler's (asyncio.gather, create_task):
+        # each future resolves when its step ends. The invocation waits for them.
+        self._elsewhere: set[asyncio.Future[None]] = set()
 
     # -- who may act -------------------------------------------------------------
 
@@ -273,12 +276,20 @@ class AsyncAttempt(Attempt):
         self.unawaited.pop(index, None)
         cause = None
         if recorded is None:
+            ended = None
+            if asyncio.current_task() is not self._task:
+                ended = asyncio.get_running_loop().create_future()
+                self._elsewhere.add(ended)
             try:
                 entry, cause = await self._aexecute(fn, index, name, opts)
                 recorded = await self._ajournal(entry)
             except asyncio.CancelledError:
                 self.interrupted = index
                 raise
+            finally:
+                if ended is not None:
+                    self._elsewhere.discard(ended)
+                    ended.set_result(None)
             if recorded is not entry:
                 cause = None
         return self._outcome(recorded, opts.codec, cause)
@@ -413,7 +424,10 @@ class AsyncAttempt(Attempt):
     # -- the end -----------------------------------------------------------------
 
     async def asettle(self, *, strict: bool) -> None:
-        """Wait until every future is journaled or has failed (see :meth:`Attempt.settle`)."""
+        """Wait until every future, and every step running in another task, is journaled
+        or has failed (see :meth:`Attempt.settle`)."""
+        if self._elsewhere:
+            await asyncio.wait(set(self._elsewhere))
         group = self._futures
         assert isinstance(group, AsyncFutureGroup)
         await group.asettle(strict=strict)
