@@ -24,7 +24,7 @@ import contextvars
 import functools
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Generator, Iterable
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar, overload
 
 from runjournal.context._attempt import Attempt, Step
 from runjournal.context._cursor import describe
@@ -619,14 +619,36 @@ class AsyncContext:
         """Whether later steps are already journaled (for logging, not for logic)."""
         return self._attempt.is_replaying()
 
+    # Overloads, not one `Callable[[], Awaitable[T]] | Callable[[], T]`: from that union
+    # mypy cannot solve T for a coroutine function (it asks for an annotation).
+    @overload
     def run(
         self,
-        fn: Callable[[], Awaitable[T]] | Callable[[], T],
+        fn: Callable[[], Awaitable[T]],
         *,
         name: str | None = None,
         options: RunOptions | None = None,
         **option_kwargs: Any,
-    ) -> Coroutine[Any, Any, T]:
+    ) -> Coroutine[Any, Any, T]: ...
+
+    @overload
+    def run(
+        self,
+        fn: Callable[[], T],
+        *,
+        name: str | None = None,
+        options: RunOptions | None = None,
+        **option_kwargs: Any,
+    ) -> Coroutine[Any, Any, T]: ...
+
+    def run(
+        self,
+        fn: Callable[[], Any],
+        *,
+        name: str | None = None,
+        options: RunOptions | None = None,
+        **option_kwargs: Any,
+    ) -> Coroutine[Any, Any, Any]:
         """Run ``fn`` once successfully; ``await`` its journaled result (as :meth:`Context.run`)."""
         return self._attempt.arun(fn, name, options, option_kwargs)
 
@@ -657,14 +679,34 @@ class AsyncContext:
     async def _void(step: Coroutine[Any, Any, Any]) -> None:
         await step
 
+    @overload
     def run_async(
         self,
-        fn: Callable[[], Awaitable[T]] | Callable[[], T],
+        fn: Callable[[], Awaitable[T]],
         *,
         name: str | None = None,
         options: RunOptions | None = None,
         **option_kwargs: Any,
-    ) -> AsyncRunFuture[T]:
+    ) -> AsyncRunFuture[T]: ...
+
+    @overload
+    def run_async(
+        self,
+        fn: Callable[[], T],
+        *,
+        name: str | None = None,
+        options: RunOptions | None = None,
+        **option_kwargs: Any,
+    ) -> AsyncRunFuture[T]: ...
+
+    def run_async(
+        self,
+        fn: Callable[[], Any],
+        *,
+        name: str | None = None,
+        options: RunOptions | None = None,
+        **option_kwargs: Any,
+    ) -> AsyncRunFuture[Any]:
         """Start ``fn`` now as a task; ``await`` the future for its journaled result."""
         return self._attempt.arun_async(fn, name, options, option_kwargs)
 
