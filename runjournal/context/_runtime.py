@@ -64,6 +64,8 @@ Handler = Callable[[Any, Any], Any]  # fn(ctx, input); ctx a Context or AsyncCon
 
 #: The longest pause between two looks at an invocation another worker runs.
 _MAX_POLL = 1.0
+#: The longest pause between two looks at an invocation another task of this worker runs.
+_LOCAL_POLL = 0.05
 
 
 @attrs.frozen
@@ -479,21 +481,43 @@ class Runtime:
         """Wait until another worker's invocation finishes or its lease lapses."""
         pause = 0.02
         while True:
-            stored = self.backend.get_invocation(inv_id)
-            if stored is None or stored.status is not InvocationStatus.PENDING:
-                return
-            if time.time() >= held.until or process_gone(held.owner):
-                return  # its lease may have lapsed (or its process died): look again
-            remaining = _remaining(deadline)
-            if remaining is not None and remaining <= 0:
-                raise InvocationTimeout(
-                    f"invocation {inv_id!r} is still running on worker {held.owner!r}; "
-                    "it goes on there (invoke again to wait more)"
-                )
             pause = min(pause * 2, _MAX_POLL, self.lease / 4)
-            wait = pause if remaining is None else min(pause, remaining)
-            if self._closing.wait(max(wait, 0.0)):
+            wait = self._look_at_holder(inv_id, held, deadline, pause)
+            if wait is None:
+                return
+            if self._closing.wait(wait):
                 self._check_open()
+
+    async def _aawait_holder(self, inv_id: str, held: Held, deadline: float | None) -> None:
+        """:meth:`_await_holder` on the loop: a thread only for each look, none parked
+        for the whole wait (waiters would starve the loop's default executor)."""
+        pause = 0.02
+        while True:
+            pause = min(pause * 2, _MAX_POLL, self.lease / 4)
+            wait = await asyncio.to_thread(self._look_at_holder, inv_id, held, deadline, pause)
+            if wait is None:
+                return
+            await asyncio.sleep(wait)
+            self._check_open()
+
+    def _look_at_holder(
+        self, inv_id: str, held: Held, deadline: float | None, pause: float
+    ) -> float | None:
+        """One look at an invocation another worker runs: None once it is finished or
+        its lease may have lapsed (or its process died): look again; else how long to
+        pause before the next look."""
+        stored = self.backend.get_invocation(inv_id)
+        if stored is None or stored.status is not InvocationStatus.PENDING:
+            return None
+        if time.time() >= held.until or process_gone(held.owner):
+            return None
+        remaining = _remaining(deadline)
+        if remaining is not None and remaining <= 0:
+            raise InvocationTimeout(
+                f"invocation {inv_id!r} is still running on worker {held.owner!r}; "
+                "it goes on there (invoke again to wait more)"
+            )
+        return max(pause if remaining is None else min(pause, remaining), 0.0)
 
     def _check_same(self, stored: Invocation, spec: HandlerSpec, input_bytes: bytes) -> None:
         if stored.handler != spec.name:
@@ -592,8 +616,9 @@ class Runtime:
             self._check_open()
             done = self._local_turn_nowait(inv_id)
             if not isinstance(done, _Mine):
-                # Another thread or task of this worker runs it: wait off the loop.
-                if not await asyncio.to_thread(done.wait, _remaining(deadline)):
+                # Another thread or task of this worker runs it: wait on the loop (a
+                # thread parked per waiter could starve the attempt waited for).
+                if not await _await_event(done, deadline):
                     raise InvocationTimeout(
                         f"invocation {inv_id!r} is still running elsewhere in this worker"
                     )
@@ -614,7 +639,7 @@ class Runtime:
                     self._running.pop(inv_id, None)
             if isinstance(outcome, _Done):
                 return outcome.value
-            await asyncio.to_thread(self._await_holder, inv_id, outcome, deadline)
+            await self._aawait_holder(inv_id, outcome, deadline)
 
     def _local_turn_nowait(self, inv_id: str) -> _Mine | threading.Event:
         """Mark ``inv_id`` as run here, or return the event of whoever runs it here."""
@@ -1110,6 +1135,19 @@ def _loop_running_here() -> bool:
 
 def _remaining(deadline: float | None) -> float | None:
     return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+async def _await_event(event: threading.Event, deadline: float | None) -> bool:
+    """Wait for ``event`` without a thread: look every few milliseconds, up to
+    ``_LOCAL_POLL``. False if ``deadline`` (monotonic) passed first."""
+    pause = 0.001
+    while not event.is_set():
+        remaining = _remaining(deadline)
+        if remaining is not None and remaining <= 0:
+            return False
+        pause = min(pause * 2, _LOCAL_POLL)
+        await asyncio.sleep(pause if remaining is None else min(pause, remaining))
+    return True
 
 
 def _when(wall: float) -> str:
