@@ -87,8 +87,9 @@ class StepProgress:
             or, when ``in_flight``, started and never finished).
         first_started_at: when the first attempt started (wall-clock seconds),
             so ``max_retry_duration`` survives a restart.
-        in_flight: attempt number ``attempts`` was started (an at-most-once
-            step's start marker) and has no outcome.
+        in_flight: attempt number ``attempts`` was started (the start marker
+            of a retry, or of any attempt of an at-most-once step) and has no
+            outcome.
         last_error: the last failure, for people looking at the journal.
     """
 
