@@ -403,8 +403,8 @@ def test_recover_returns_at_its_timeout_and_the_rest_goes_on(
     rt = runtimes(one_journal(), worker_id="r")
     rt.handler("h")(lambda ctx, n: n if n else int(ctx.run(gate, name="slow") == "done"))
     started = time.monotonic()
-    results = rt.recover(timeout=0.3)
-    assert time.monotonic() - started < 5
+    results = rt.recover(timeout=3)
+    assert time.monotonic() - started < 8
     by_id = {r.invocation_id: r for r in results}
     assert by_id["inv-0"].running and by_id["inv-0"].status is InvocationStatus.PENDING
     assert by_id["inv-1"].output == 1 and by_id["inv-2"].output == 2

@@ -191,3 +191,20 @@ def test_an_async_generator_handler_is_refused(rt: Runtime) -> None:
 def test_an_async_handler_is_accepted(rt: Runtime) -> None:
     rt.handler("co")(_coroutine)
     assert rt.invoke("co") is None
+
+
+def test_a_coroutine_closure_in_a_sync_handler_says_to_make_it_async(
+    rt: Runtime, backend: MemoryBackend
+) -> None:
+    async def send() -> str:
+        return "sent"
+
+    @rt.handler("h")
+    def h(ctx: Context, which: str) -> Any:
+        fn: Any = send if which == "function" else (lambda: send())
+        return ctx.run(fn, name="send", max_retry_attempts=3)
+
+    for which in ("function", "lambda"):
+        with pytest.raises(ContextMisuseError, match="make the handler `async def`"):
+            rt.invoke("h", which, invocation_id=which)
+        assert backend.read_entries(which) == []

@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import functools
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Generator, Iterable
 from typing import Any, NoReturn, TypeVar, overload
 
-from runjournal.context._attempt import Attempt, Step
+from runjournal.context._attempt import Attempt, Step, is_async_callable
 from runjournal.context._cursor import describe
 from runjournal.context._errors import ContextMisuseError, NonDeterminismError, TerminalError
 from runjournal.context._futures import (
@@ -62,22 +61,6 @@ T = TypeVar("T")
 _closure_of: contextvars.ContextVar[object | None] = contextvars.ContextVar(
     "runjournal_async_closure", default=None
 )
-
-
-_CO_COROUTINE = inspect.CO_COROUTINE
-
-
-def is_async_callable(fn: object) -> bool:
-    """Whether calling ``fn`` gives a coroutine (async def, a partial of one, an
-    object with an async ``__call__``)."""
-    code = getattr(fn, "__code__", None)
-    if code is not None:  # a plain function or lambda: the fast answer (every step asks)
-        return bool(code.co_flags & _CO_COROUTINE)
-    while isinstance(fn, functools.partial):
-        fn = fn.func
-    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
-        getattr(fn, "__call__", None)  # noqa: B004 (the method, not callability)
-    )
 
 
 class AsyncRunFuture(RunFuture[T]):

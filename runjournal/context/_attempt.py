@@ -9,6 +9,8 @@ onto it; the Runtime starts, settles and ends it through public methods.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import random
 import threading
@@ -63,12 +65,28 @@ from runjournal.journal import (
     encode_value,
 )
 
-__all__ = ["Attempt", "Step", "by_index"]
+__all__ = ["Attempt", "Step", "by_index", "is_async_callable"]
 
 log = logging.getLogger("runjournal")
 
 #: The longest error message kept in a step's journaled progress.
 _ERROR_CHARS = 500
+
+
+_CO_COROUTINE = inspect.CO_COROUTINE
+
+
+def is_async_callable(fn: object) -> bool:
+    """Whether calling ``fn`` gives a coroutine (async def, a partial of one, an
+    object with an async ``__call__``)."""
+    code = getattr(fn, "__code__", None)
+    if code is not None:  # a plain function or lambda: the fast answer (every step asks)
+        return bool(code.co_flags & _CO_COROUTINE)
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+        getattr(fn, "__call__", None)  # noqa: B004 (the method, not callability)
+    )
 
 
 class Attempt:
@@ -406,6 +424,12 @@ class Attempt:
         an earlier attempt of the invocation) count against the budget.
         """
         resume, progress = self.resume_for(fn, index, name)
+        if is_async_callable(fn):
+            raise ContextMisuseError(
+                f"run {name!r} (invocation {self.invocation_id!r}): fn is a coroutine "
+                "function, and this handler is a plain def; make the handler `async def` "
+                "and `await ctx.run(fn)`"
+            )
         step = Step(self, fn, index, name, opts, progress)
         outcome = call_with_retry(
             step.call,
@@ -415,6 +439,13 @@ class Attempt:
             before_attempt=step.before,
             after_failure=step.after,
         )
+        if isinstance(outcome, Succeeded) and inspect.iscoroutine(outcome.value):
+            outcome.value.close()  # never started: nothing ran
+            raise ContextMisuseError(
+                f"run {name!r} (invocation {self.invocation_id!r}): fn returned a coroutine, "
+                "and this handler is a plain def; make the handler `async def` and "
+                "`await ctx.run(fn)`"
+            )
         return self.entry_for(outcome, index, name, opts)
 
     def resume_for(
