@@ -189,7 +189,9 @@ class AsyncAttempt(Attempt):
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        self._futures = AsyncFutureGroup(self.invocation_id, self.executor, self.check_usable)
+        self._futures = AsyncFutureGroup(
+            self.invocation_id, self.executor, self.check_usable, self.handler
+        )
         self._writer = writer
         self._aguard = aguard
         self._task = asyncio.current_task()
@@ -258,6 +260,8 @@ class AsyncAttempt(Attempt):
     ) -> Any:
         self.unawaited.pop(index, None)
         cause = None
+        if recorded is not None and self.tracing is not None:
+            self.tracing.replayed(name, index)
         if recorded is None:
             ended = None
             if asyncio.current_task() is not self._task:
@@ -452,7 +456,11 @@ class AsyncAttempt(Attempt):
             marker = _closure_of.set(self)
             token = enter_step(self.invocation_id, index, name, 1)
             try:
-                value = await fn()
+                if self.tracing is None:
+                    value = await fn()
+                else:
+                    with self.tracing.step(name, index, 1):
+                        value = await fn()
             except TerminalError as exc:
                 return self.entry_for(Failed(exc, 1), index, name, opts)
             except NOT_RETRIED:
@@ -538,7 +546,10 @@ class AsyncStep(Step):
         marker = _closure_of.set(attempt)
         token = enter_step(attempt.invocation_id, self.index, self.name, number)
         try:
-            return await awaitable
+            if attempt.tracing is None or not self.is_coroutine:
+                return await awaitable  # a plain closure's span was its thread's
+            with attempt.tracing.step(self.name, self.index, number):
+                return await awaitable
         finally:
             leave_step(token)
             _closure_of.reset(marker)

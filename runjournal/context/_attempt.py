@@ -36,18 +36,21 @@ from runjournal.context._futures import (
     decision_entry,
     read_decision,
 )
+from runjournal.context._log import emit
 from runjournal.context._options import RunOptions, resolve_options
 from runjournal.context._retry import (
     FRESH,
     Clock,
     Failed,
     Resume,
+    RetryDetails,
     RetryHook,
     RetrySchedule,
     Succeeded,
     call_with_retry,
 )
 from runjournal.context._step import enter_step, leave_step
+from runjournal.context._tracing import AttemptTracing
 from runjournal.journal import (
     Codec,
     CodecError,
@@ -66,8 +69,6 @@ from runjournal.journal import (
 )
 
 __all__ = ["Attempt", "Step", "by_index", "is_async_callable"]
-
-log = logging.getLogger("runjournal")
 
 #: The longest error message kept in a step's journaled progress.
 _ERROR_CHARS = 500
@@ -139,7 +140,8 @@ class Attempt:
         self.rng = rng
         self._max_payload = backend.capabilities.max_payload_bytes
         self.executor = executor
-        self._futures = FutureGroup(invocation_id, executor, self.check_usable)
+        self.tracing: AttemptTracing | None = None  # set by the Runtime when it traces
+        self._futures = FutureGroup(invocation_id, executor, self.check_usable, handler)
         self.owner = threading.get_ident()  # the thread running the handler
         self._closures_lock = threading.Lock()
         self._closures = 0  # closures of this attempt running now, in any thread
@@ -204,6 +206,8 @@ class Attempt:
         opts = resolve_options(self._defaults, options, overrides)
         index, recorded = self._cursor.reserve(EntryKind.RUN, name)
         cause = None
+        if recorded is not None and self.tracing is not None:
+            self.tracing.replayed(name, index)
         if recorded is None:
             entry, cause = self._execute(fn, index, name, opts)
             recorded = self._journal(entry)
@@ -402,13 +406,17 @@ class Attempt:
         if latest.status is not InvocationStatus.PENDING:
             raise LeaseLost(self.invocation_id, "another worker finished it") from None
         recorded = self._cursor.fetch(entry.index, entry.kind, entry.name)
-        log.warning(
+        emit(
+            logging.WARNING,
             "invocation %r: %s at index %d was recorded first by another worker (it ran "
             "twice); this worker goes on with the recorded outcome",
             self.invocation_id,
             describe(entry.kind, entry.name),
             entry.index,
-            extra={"invocation_id": self.invocation_id, "index": entry.index},
+            invocation_id=self.invocation_id,
+            handler=self.handler,
+            step=entry.name,
+            index=entry.index,
         )
         return recorded
 
@@ -501,6 +509,13 @@ class Attempt:
             self._closures -= 1
             if in_owner:
                 self._in_closure = False
+
+    def retried(self, details: RetryDetails) -> None:
+        """A step attempt failed and will be retried: trace it, then the user's hook."""
+        if self.tracing is not None:
+            self.tracing.retry(details)
+        if self.on_retry is not None:
+            self.on_retry(details)
 
     def guard_lease(self) -> None:
         """Raise :class:`LeaseLost` unless this worker still holds the lease."""
@@ -622,9 +637,10 @@ class Step:
             clock=attempt.clock,
             resume=resume,
             rng=attempt.rng,
-            on_retry=attempt.on_retry,
+            on_retry=attempt.retried,
             invocation_id=attempt.invocation_id,
             index=self.index,
+            handler=attempt.handler,
         )
         return self.schedule
 
@@ -635,7 +651,10 @@ class Step:
         attempt.closure_starts(self.in_owner)
         token = enter_step(attempt.invocation_id, self.index, self.name, number)
         try:
-            return self.fn()
+            if attempt.tracing is None:
+                return self.fn()
+            with attempt.tracing.step(self.name, self.index, number):
+                return self.fn()
         finally:
             leave_step(token)
             attempt.closure_ends(self.in_owner)

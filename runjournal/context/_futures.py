@@ -28,13 +28,12 @@ from typing import Any, Generic, TypeVar
 import attrs
 
 from runjournal.context._errors import ContextMisuseError
+from runjournal.context._log import emit
 from runjournal.journal import Entry, EntryKind, JournalCorrupt
 
 __all__ = ["FutureGroup", "RunFuture", "decision_entry", "read_decision"]
 
 T = TypeVar("T")
-
-log = logging.getLogger("runjournal")
 
 # The journaled value of a future, or its terminal error raised; given the
 # entry and the original error to chain to (None on replay).
@@ -161,8 +160,10 @@ class FutureGroup:
         invocation_id: str,
         executor: Executor | None,
         check_usable: Callable[[str], None],
+        handler: str | None = None,
     ) -> None:
         self.invocation_id = invocation_id
+        self.handler = handler
         self.executor = executor
         self.check_usable = check_usable
         self._cond = threading.Condition()
@@ -360,12 +361,16 @@ class FutureGroup:
                 continue
             if strict and slot.error is not None:
                 slot.journaled()  # raises it, marked retrieved
-            log.warning(
+            emit(
+                logging.WARNING,
                 "invocation %r: %r failed and its result was never retrieved: %s",
                 self.invocation_id,
                 slot.future,
                 message,
-                extra={"invocation_id": self.invocation_id, "index": slot.future.index},
+                invocation_id=self.invocation_id,
+                handler=self.handler,
+                step=slot.future.name,
+                index=slot.future.index,
             )
 
     def abandon(self) -> None:

@@ -41,6 +41,7 @@ from collections.abc import Callable
 import attrs
 
 from runjournal.context._errors import LeaseLost
+from runjournal.context._log import emit
 from runjournal.journal import (
     Invocation,
     InvocationNotFound,
@@ -63,8 +64,6 @@ __all__ = [
     "is_worker_record",
     "worker_record_id",
 ]
-
-log = logging.getLogger("runjournal")
 
 WORKER_PREFIX = "runjournal.worker:"
 WORKER_HANDLER = "runjournal.worker"
@@ -290,12 +289,13 @@ class Liveness:
                         else:
                             stored = self._take_over_record(backend, latest, lease, now)
             except JournalError as exc:
-                log.warning(
+                emit(
+                    logging.WARNING,
                     "worker %r could not renew its lease: %s: %s",
                     self.worker_id,
                     type(exc).__name__,
                     exc,
-                    extra={"worker_id": self.worker_id},
+                    worker_id=self.worker_id,
                 )
                 return False
             self._record = stored
@@ -333,12 +333,13 @@ class Liveness:
                 and current.expires_at <= now
             )
             if fenced:
-                log.warning(
+                emit(
+                    logging.WARNING,
                     "worker %r was fenced (another worker took over its invocations after "
                     "its lease expired); its running attempts stop, and it goes on as a new "
                     "incarnation",
                     self.worker_id,
-                    extra={"worker_id": self.worker_id},
+                    worker_id=self.worker_id,
                 )
                 self._incarnation = _new_incarnation()
                 lease = attrs.evolve(lease, incarnation=self._incarnation)
@@ -373,7 +374,13 @@ class Liveness:
                 )
             )
         except JournalError as exc:  # best effort: the lease expires anyway
-            log.info("worker %r: could not release its liveness record: %s", self.worker_id, exc)
+            emit(
+                logging.INFO,
+                "worker %r: could not release its liveness record: %s",
+                self.worker_id,
+                exc,
+                worker_id=self.worker_id,
+            )
 
     def close(self) -> None:
         """Stop the heartbeat without touching the journal (after a fork, say)."""
@@ -386,7 +393,13 @@ class Liveness:
                 try:
                     self.renew()
                 except Exception:  # the heartbeat must outlive any one failure
-                    log.exception("worker %r: heartbeat failed", self.worker_id)
+                    emit(
+                        logging.ERROR,
+                        "worker %r: heartbeat failed",
+                        self.worker_id,
+                        worker_id=self.worker_id,
+                        exc_info=True,
+                    )
 
     # -- other workers' leases -----------------------------------------------------
 
@@ -434,12 +447,13 @@ class Liveness:
                 backend.update_invocation(attrs.evolve(record, updated_at=self._wall(), lease=dead))
             except (VersionConflict, InvocationNotFound):
                 continue  # it renewed (or someone fenced it) meanwhile: look again
-            log.info(
+            emit(
+                logging.INFO,
                 "worker %r fenced incarnation %d of worker %r, whose lease expired",
                 self.worker_id,
                 lease.incarnation,
                 lease.owner,
-                extra={"worker_id": self.worker_id},
+                worker_id=self.worker_id,
             )
             return None
         raise JournalError(f"liveness record {record_id!r} keeps changing; try again")

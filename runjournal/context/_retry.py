@@ -25,6 +25,7 @@ from runjournal.context._errors import (
     StepInterrupted,
     TerminalError,
 )
+from runjournal.context._log import emit
 from runjournal.context._options import RunOptions
 
 __all__ = [
@@ -41,8 +42,6 @@ __all__ = [
     "is_testing",
     "set_testing",
 ]
-
-log = logging.getLogger("runjournal")
 
 _testing = threading.Event()
 
@@ -161,7 +160,7 @@ class RetrySchedule:
         rng: draws jitter.
         on_retry: called with a :class:`RetryDetails` after each failed attempt
             that will be retried.
-        invocation_id, index: where the step is, for messages and hooks.
+        invocation_id, index, handler: where the step is, for messages, logs and hooks.
     """
 
     __slots__ = (
@@ -172,6 +171,7 @@ class RetrySchedule:
         "_rng",
         "_started",
         "attempt",
+        "handler",
         "name",
         "options",
     )
@@ -187,8 +187,10 @@ class RetrySchedule:
         on_retry: RetryHook | None = None,
         invocation_id: str | None = None,
         index: int | None = None,
+        handler: str | None = None,
     ) -> None:
         self.options = options
+        self.handler = handler
         self.name = name
         self.attempt = resume.attempts
         self._clock = clock
@@ -264,19 +266,19 @@ class RetrySchedule:
         limit = self._exhausted(elapsed + delay)
         if limit is not None:
             return self._give_up(exc, limit)
-        log.warning(
+        emit(
+            logging.WARNING,
             "%s attempt %d failed with %s: %s; retrying in %.3fs",
             self.label,
             attempt,
             type(exc).__qualname__,
             exc,
             delay,
-            extra={
-                "invocation_id": self._invocation_id,
-                "step": self.name,
-                "index": self._index,
-                "attempt": attempt,
-            },
+            invocation_id=self._invocation_id,
+            handler=self.handler,
+            step=self.name,
+            index=self._index,
+            attempt=attempt,
         )
         if self._on_retry is not None:
             self._on_retry(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import importlib
 import inspect
 import logging
@@ -12,7 +13,7 @@ import random
 import threading
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -40,8 +41,10 @@ from runjournal.context._lease import (
     default_worker_id,
     process_gone,
 )
+from runjournal.context._log import emit
 from runjournal.context._options import Duration, RunOptions, seconds
 from runjournal.context._retry import Clock, RetryHook, SystemClock
+from runjournal.context._tracing import Tracing, tracing_available
 from runjournal.context._writer import JournalWriter
 from runjournal.journal import (
     Codec,
@@ -56,8 +59,6 @@ from runjournal.journal import (
 )
 
 __all__ = ["HandlerSpec", "RecoveryResult", "Runtime"]
-
-log = logging.getLogger("runjournal")
 
 F = TypeVar("F", bound=Callable[..., Any])
 Handler = Callable[[Any, Any], Any]  # fn(ctx, input); ctx a Context or AsyncContext
@@ -168,6 +169,11 @@ class Runtime:
         max_recoveries: how many invocations :meth:`recover` and
             :meth:`start_recovery` run at once (8).
         rng: draws retry jitter (seed it in tests).
+        tracing: OpenTelemetry spans for invocations and steps (see
+            :mod:`runjournal.context._tracing`); None (default) traces when
+            ``opentelemetry-api`` is installed (the ``otel`` extra).
+        tracer_provider: where the spans go (default: the global provider).
+        trace_replays: also make a span for each replayed step.
     """
 
     def __init__(
@@ -183,6 +189,9 @@ class Runtime:
         lease: Duration = 30.0,
         max_recoveries: int = 8,
         rng: random.Random | None = None,
+        tracing: bool | None = None,
+        tracer_provider: Any = None,
+        trace_replays: bool = False,
     ) -> None:
         for label, value in (("max_workers", max_workers), ("max_recoveries", max_recoveries)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -212,6 +221,9 @@ class Runtime:
         self.lease = lease_seconds
         self._explicit_worker_id = worker_id is not None
         self._rng = rng if rng is not None else random.Random()
+        if tracing is None:
+            tracing = tracing_available()
+        self._tracing = Tracing(tracer_provider, replays=trace_replays) if tracing else None
         self._handlers: dict[str, HandlerSpec] = {}
         self._setup(worker_id or default_worker_id())
         _runtimes.add(self)
@@ -383,11 +395,13 @@ class Runtime:
         if self._warned_blocking or not _loop_running_here():
             return
         self._warned_blocking = True
-        log.warning(
+        emit(
+            logging.WARNING,
             "rt.%s() was called from a running event loop: it blocks that loop until the "
             "invocation ends; use `await rt.a%s(...)` in async code",
             what,
             what,
+            worker_id=self.worker_id,
         )
 
     def _invoke(
@@ -556,7 +570,8 @@ class Runtime:
         )
         self._liveness.start()
         try:
-            return self._run_attempt(spec, attempt)
+            with self._traced(attempt):
+                return self._run_attempt(spec, attempt)
         finally:
             attempt.end()
 
@@ -700,7 +715,8 @@ class Runtime:
         )
         self._liveness.start()
         try:
-            return await self._arun_attempt(spec, attempt)
+            with self._traced(attempt):
+                return await self._arun_attempt(spec, attempt)
         finally:
             attempt.end()
 
@@ -781,6 +797,22 @@ class Runtime:
             )
         return asyncio.run_coroutine_threadsafe(work, loop).result()
 
+    @contextlib.contextmanager
+    def _traced(self, attempt: Attempt) -> Iterator[None]:
+        """An invocation attempt, in its span when this Runtime traces."""
+        if self._tracing is None or not self._tracing.active():
+            yield
+            return
+        resumed = attempt.is_replaying() or attempt.record.version > 1
+        with self._tracing.invocation(
+            attempt.invocation_id, attempt.handler, self.worker_id, resumed=resumed
+        ) as tracing:
+            attempt.tracing = tracing
+            try:
+                yield
+            finally:
+                attempt.tracing = None
+
     def _release(self, attempt: Attempt) -> None:
         """Give up the lease of an invocation left pending, so any worker may resume it."""
         record = attempt.record
@@ -792,7 +824,15 @@ class Runtime:
                 attrs.evolve(record, updated_at=time.time(), lease=released)
             )
         except Exception as exc:  # the lease lapses by itself anyway
-            log.info("invocation %r: could not release its lease: %s", record.id, exc)
+            emit(
+                logging.INFO,
+                "invocation %r: could not release its lease: %s",
+                record.id,
+                exc,
+                invocation_id=record.id,
+                handler=record.handler,
+                worker_id=self.worker_id,
+            )
 
     def _finished(
         self, spec: HandlerSpec, inv: Invocation, cause: BaseException | None = None
@@ -899,7 +939,13 @@ class Runtime:
                     if skipped is None:
                         self._submit_recovery(stored)
             except Exception:  # the loop must outlive a journal hiccup
-                log.exception("recovery pass of worker %r failed", self.worker_id)
+                emit(
+                    logging.ERROR,
+                    "recovery pass of worker %r failed",
+                    self.worker_id,
+                    worker_id=self.worker_id,
+                    exc_info=True,
+                )
             self._closing.wait(every)
 
     def _orphans(self) -> list[tuple[Invocation, str | None]]:
@@ -912,11 +958,14 @@ class Runtime:
             if stored is None or stored.status is not InvocationStatus.PENDING:
                 continue
             if stored.handler not in self._handlers:
-                log.debug(
-                    "recover: leaving %r alone: handler %r is not registered here",
+                emit(
+                    logging.DEBUG,
+                    "recover: leaving invocation %r alone: handler %r is not registered here",
                     inv_id,
                     stored.handler,
-                    extra={"invocation_id": inv_id, "handler": stored.handler},
+                    invocation_id=inv_id,
+                    handler=stored.handler,
+                    worker_id=self.worker_id,
                 )
                 continue
             found.append((stored, self._why_skip(stored, now)))
@@ -1043,7 +1092,13 @@ class Runtime:
                     if skipped is None:
                         self._spawn_recovery(stored, gate)
             except Exception:  # the loop must outlive a journal hiccup
-                log.exception("recovery pass of worker %r failed", self.worker_id)
+                emit(
+                    logging.ERROR,
+                    "recovery pass of worker %r failed",
+                    self.worker_id,
+                    worker_id=self.worker_id,
+                    exc_info=True,
+                )
             await asyncio.sleep(every)
 
     # -- looking -------------------------------------------------------------------
@@ -1157,12 +1212,14 @@ def _when(wall: float) -> str:
 def _recovery_error(stored: Invocation, exc: Exception) -> RecoveryResult:
     if isinstance(exc, TerminalError):
         return RecoveryResult(stored.id, stored.handler, InvocationStatus.FAILED, error=exc)
-    log.warning(
-        "recover: %r is still pending: %s: %s",
+    emit(
+        logging.WARNING,
+        "recover: invocation %r is still pending: %s: %s",
         stored.id,
         type(exc).__name__,
         exc,
-        extra={"invocation_id": stored.id, "handler": stored.handler},
+        invocation_id=stored.id,
+        handler=stored.handler,
     )
     return RecoveryResult(stored.id, stored.handler, InvocationStatus.PENDING, error=exc)
 

@@ -19,6 +19,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from runjournal.context._log import emit
 from runjournal.journal import (
     BackendUnavailable,
     BatchWriter,
@@ -28,8 +29,6 @@ from runjournal.journal import (
 )
 
 __all__ = ["JournalWriter"]
-
-log = logging.getLogger("runjournal")
 
 _Pending = tuple[asyncio.AbstractEventLoop, "asyncio.Future[Any]", Write]
 
@@ -115,7 +114,7 @@ class JournalWriter:
                 results = write_each(backend, writes)
         except BaseException as exc:  # the batch failed as a whole: every write fails
             if not isinstance(exc, Exception):
-                log.error("journal writer: a batch was interrupted: %r", exc)
+                emit(logging.ERROR, "journal writer: a batch was interrupted: %r", exc)
             results = [exc] * len(batch)
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any]]] = {}
         for (loop, future, _), result in zip(batch, results, strict=True):
