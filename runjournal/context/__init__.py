@@ -18,6 +18,7 @@ from runjournal.context._errors import (
 from runjournal.context._futures import RunFuture
 from runjournal.context._lease import WORKER_HANDLER, WORKER_PREFIX, is_worker_record
 from runjournal.context._options import RunOptions
+from runjournal.context._purge import PurgeStep, purge
 from runjournal.context._retry import Clock, RetryDetails, SystemClock, is_testing, set_testing
 from runjournal.context._runtime import HandlerSpec, RecoveryResult, Runtime
 from runjournal.context._step import StepInfo, current_step
@@ -36,6 +37,7 @@ __all__ = [
     "InvocationTimeout",
     "LeaseLost",
     "NonDeterminismError",
+    "PurgeStep",
     "RecoveryResult",
     "RetryDetails",
     "RunFuture",
@@ -48,5 +50,6 @@ __all__ = [
     "current_step",
     "is_testing",
     "is_worker_record",
+    "purge",
     "set_testing",
 ]
