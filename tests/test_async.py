@@ -1401,3 +1401,44 @@ def test_the_wait_for_another_worker_is_bounded_by_timeout(
 
     assert drive(main()) == "done|after"
     assert calls == {"slow": 1, "after": 1}
+
+
+def test_aclose_cancels_the_recoveries_it_runs_in_the_background() -> None:
+    backend = MemoryBackend()
+    seed = Runtime(backend, worker_id="seed")
+
+    @seed.handler("h")
+    async def fail(ctx: AsyncContext, _: Any) -> None:
+        raise RuntimeError("left pending")
+
+    with pytest.raises(RuntimeError):
+        asyncio.run(seed.ainvoke("h", invocation_id="slow"))
+    seed.close()
+    started = threading.Event()
+
+    async def main() -> None:
+        rt = Runtime(backend)
+
+        @rt.handler("h")
+        async def slow(ctx: AsyncContext, _: Any) -> str:
+            async def forever() -> str:
+                started.set()
+                await asyncio.sleep(60)
+                return "never"
+
+            return await ctx.run(forever, name="forever")
+
+        rt.start_recovery(interval=0.05)
+        for _ in range(200):
+            if started.is_set():
+                break
+            await asyncio.sleep(0.01)
+        assert started.is_set()
+        await asyncio.wait_for(rt.aclose(), 10)
+        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        assert others == []  # nothing of the Runtime's goes on after aclose()
+
+    asyncio.run(main())
+    stored = backend.get_invocation("slow")
+    assert stored is not None and stored.status is InvocationStatus.PENDING
+    assert backend.read_entries("slow") == []

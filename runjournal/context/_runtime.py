@@ -43,7 +43,6 @@ from runjournal.context._lease import (
 )
 from runjournal.context._log import emit
 from runjournal.context._options import Duration, RunOptions, seconds
-from runjournal.context._purge import FINISHED, PurgeStep, Statuses, purge
 from runjournal.context._retry import Clock, RetryHook, SystemClock
 from runjournal.context._tracing import Tracing, tracing_available
 from runjournal.context._writer import JournalWriter
@@ -1119,34 +1118,6 @@ class Runtime:
         stored = self.backend.get_invocation(invocation_id)
         return None if stored is None else stored.status
 
-    # -- retention -----------------------------------------------------------------
-
-    def purge(
-        self,
-        older_than: Duration,
-        statuses: Statuses = FINISHED,
-        include_pending: bool = False,
-        dry_run: bool = False,
-        progress: Callable[[PurgeStep], None] | None = None,
-    ) -> int:
-        """Remove invocations (with their entries) finished longer than ``older_than`` ago.
-
-        Pending invocations only with ``include_pending=True`` (and never one a
-        live worker holds); see :func:`runjournal.context.purge` for the rules.
-
-        Returns:
-            How many were removed (in a dry run: would be).
-        """
-        self._check_open()
-        return purge(
-            self.backend,
-            older_than=older_than,
-            statuses=statuses,
-            include_pending=include_pending,
-            dry_run=dry_run,
-            progress=progress,
-        )
-
     # -- lifecycle --------------------------------------------------------------
 
     def _check_open(self) -> None:
@@ -1185,10 +1156,20 @@ class Runtime:
             self.backend.close()
 
     async def aclose(self) -> None:
-        """:meth:`close` for asyncio code: waits in a worker thread, not on the loop."""
-        task = self._recovery_task
-        if task is not None and task.get_loop() is asyncio.get_running_loop():
+        """:meth:`close` for asyncio code: waits in a worker thread, not on the loop.
+
+        Recoveries this loop runs in the background (``start_recovery``,
+        ``arecover`` past its timeout) are cancelled first: their invocations
+        stay pending, journaled up to the step that was running, for the next
+        worker.
+        """
+        loop = asyncio.get_running_loop()
+        mine = [t for t in (self._recovery_task, *self._background) if t is not None]
+        mine = [t for t in mine if t.get_loop() is loop and not t.done()]
+        for task in mine:
             task.cancel()
+        if mine:
+            await asyncio.gather(*mine, return_exceptions=True)
         await asyncio.to_thread(self.close)
 
     def __enter__(self) -> Runtime:
