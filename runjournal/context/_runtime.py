@@ -43,6 +43,7 @@ from runjournal.context._lease import (
 )
 from runjournal.context._log import emit
 from runjournal.context._options import Duration, RunOptions, seconds
+from runjournal.context._purge import FINISHED, PurgeStep, Statuses, purge
 from runjournal.context._retry import Clock, RetryHook, SystemClock
 from runjournal.context._tracing import Tracing, tracing_available
 from runjournal.context._writer import JournalWriter
@@ -1117,6 +1118,34 @@ class Runtime:
         """The stored status of an invocation, or None if there is none."""
         stored = self.backend.get_invocation(invocation_id)
         return None if stored is None else stored.status
+
+    # -- retention -----------------------------------------------------------------
+
+    def purge(
+        self,
+        older_than: Duration,
+        statuses: Statuses = FINISHED,
+        include_pending: bool = False,
+        dry_run: bool = False,
+        progress: Callable[[PurgeStep], None] | None = None,
+    ) -> int:
+        """Remove invocations (with their entries) finished longer than ``older_than`` ago.
+
+        Pending invocations only with ``include_pending=True`` (and never one a
+        live worker holds); see :func:`runjournal.context.purge` for the rules.
+
+        Returns:
+            How many were removed (in a dry run: would be).
+        """
+        self._check_open()
+        return purge(
+            self.backend,
+            older_than=older_than,
+            statuses=statuses,
+            include_pending=include_pending,
+            dry_run=dry_run,
+            progress=progress,
+        )
 
     # -- lifecycle --------------------------------------------------------------
 
