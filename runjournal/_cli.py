@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from runjournal._cli_ops import add_commands, run_command
 from runjournal._demo import demo, worker
 
 __all__ = ["main"]
@@ -27,7 +28,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_worker.add_argument("journal")
     p_worker.add_argument("ledger", type=Path)
     p_worker.add_argument("--crash", action="store_true")
+    operating = add_commands(sub.add_parser)  # ls, show, stats, purge, compact, recover, worker
     args = parser.parse_args(argv)
+    if args.command in operating:
+        return run_command(args)
     logging.basicConfig(
         level=logging.WARNING,
         format=f"  [pid {os.getpid()}] %(levelname)s %(message)s",
