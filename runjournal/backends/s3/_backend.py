@@ -6,6 +6,7 @@ The key layout and the guarantees are described in :mod:`runjournal.backends.s3`
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import suppress
@@ -103,6 +104,7 @@ class S3Backend:
         self._known = KnownInvocations()
         self._owns_client = owns_client
         self._closed = False
+        self._pid = os.getpid()
 
     @classmethod
     def from_url(
@@ -194,6 +196,13 @@ class S3Backend:
     def _check_open(self) -> None:
         if self._closed:
             raise BackendUnavailable(f"this S3 journal client ({self!r}) is closed")
+        if self._pid != os.getpid():
+            # A forked child shares the parent's connections (and its cache of
+            # what exists): two processes on one socket garble both.
+            raise BackendUnavailable(
+                f"this S3 journal client ({self!r}) was opened in process {self._pid} "
+                "before a fork; open a new one in this process"
+            )
 
     def _check_writable(self) -> None:
         """Refuse a closed client, and a store that ignores conditional writes."""
@@ -536,6 +545,8 @@ class S3Backend:
         if self._closed:
             return
         self._closed = True
+        if self._pid != os.getpid():
+            return  # the connections and the pool are the parent's to close
         self._known.clear()
         self._requests.close()
         if self._owns_client:
