@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterator, Sequence
-from typing import Final
-from urllib.parse import urlsplit
+from typing import Final, cast
 
 import attrs
 import lmdb
 
 from runjournal.backends._options import convert_options, flag, size, whole
+from runjournal.backends.lmdb._check import VerifyReport, verify
 from runjournal.backends.lmdb._committer import Op
 from runjournal.backends.lmdb._environment import (
     DEFAULT_MAP_SIZE,
@@ -22,13 +23,17 @@ from runjournal.backends.lmdb._environment import (
 )
 from runjournal.backends.lmdb._errors import mapped
 from runjournal.backends.lmdb._keys import (
+    DIGEST_BYTES,
     STATUS_PREFIX,
     digest,
     entries_prefix,
     entry_key,
     invocation_key,
+    key_kind,
+    key_text,
     status_key,
 )
+from runjournal.backends.lmdb._url import path_from_url
 from runjournal.journal import (
     AppendEntry,
     BackendUnavailable,
@@ -53,6 +58,44 @@ __all__ = ["CAPABILITIES", "LMDBBackend", "LMDBInfo"]
 
 CAPABILITIES: Final = Capabilities(persistent=True)
 MAP_SIZE: Final = size(1 << 16)  # the map_size option's converter: at least 64 KiB
+
+
+def _records(cursor: lmdb.Cursor) -> Iterator[tuple[bytes, bytes]]:
+    """The cursor's records from where it is (copies: the environment is not
+    opened with ``buffers``)."""
+    return cast("Iterator[tuple[bytes, bytes]]", iter(cursor))
+
+
+def _here(cursor: lmdb.Cursor) -> tuple[bytes, bytes]:
+    return bytes(cursor.key()), bytes(cursor.value())
+
+
+def _before(txn: lmdb.Transaction, target: bytes) -> list[tuple[bytes, bytes]]:
+    """The two records before the first key >= ``target`` (fewer at the start),
+    nearest last, as a search from the root finds them.
+
+    A separate cursor: a positioned cursor searches from where it is, and
+    with a damaged key breaking the order, may land elsewhere.
+    """
+    cursor = txn.cursor()
+    found: list[tuple[bytes, bytes]] = []
+    moved = cursor.prev() if cursor.set_range(target) else cursor.last()
+    while moved and len(found) < 2:
+        found.append(_here(cursor))
+        moved = cursor.prev()
+    return found[::-1]
+
+
+def _after(cursor: lmdb.Cursor, key: bytes, value: bytes) -> list[tuple[bytes, bytes]]:
+    """The cursor's record (``key``, ``value``) and the one after it, if any."""
+    found = [(key, value)]
+    if cursor.next():
+        found.append(_here(cursor))
+    return found
+
+
+def _in_order(keys: Sequence[bytes]) -> bool:
+    return all(a < b for a, b in itertools.pairwise(keys))
 
 
 @attrs.frozen
@@ -145,14 +188,7 @@ class LMDBBackend:
         ``map_size`` (bytes or ``"512MB"``), ``durable``, ``group_commit``,
         ``max_readers``. See :meth:`open`.
         """
-        parts = urlsplit(url)
-        if parts.scheme != "lmdb":
-            raise ValueError(f"not an lmdb:// URL: {url!r}")
-        path = parts.netloc + parts.path
-        if not path:
-            raise ValueError(
-                f"lmdb URL {url!r} names no directory; write lmdb:///abs/path or lmdb://rel/path"
-            )
+        path = path_from_url(url)
         options = convert_options(
             "lmdb",
             map_size=(map_size, MAP_SIZE),
@@ -196,6 +232,11 @@ class LMDBBackend:
             clients=environment.refs,
         )
 
+    def verify(self, *, timeout: float | None = None) -> VerifyReport:
+        """Walk every page and record of this journal in a child process; see
+        :func:`runjournal.backends.lmdb.verify` (which needs no open client)."""
+        return verify(self.path, timeout=timeout)
+
     def _env(self) -> Environment:
         if self._closed:
             raise BackendUnavailable(f"this LMDB journal client ({self.path}) is closed")
@@ -208,20 +249,59 @@ class LMDBBackend:
 
     # -- records -------------------------------------------------------------
 
+    def _corrupt(self, what: str) -> JournalCorrupt:
+        return JournalCorrupt(f"LMDB journal {self.path}: {what}")
+
     def _decode_invocation(self, data: bytes | None, invocation_id: str) -> Invocation | None:
         if data is None:
             return None
-        inv = decode_invocation(data)
+        try:
+            inv = decode_invocation(data)
+        except JournalCorrupt as exc:
+            raise self._corrupt(f"invocation {invocation_id!r}: {exc}") from exc
         if inv.id != invocation_id:
-            raise JournalCorrupt(
-                f"LMDB journal {self.path}: the record stored for {invocation_id!r} "
-                f"belongs to {inv.id!r}"
-            )
+            raise self._corrupt(f"the record stored for {invocation_id!r} belongs to {inv.id!r}")
         return inv
 
     def _load(self, txn: lmdb.Transaction, invocation_id: str, key: bytes) -> Invocation | None:
         data = txn.get(key)
-        return self._decode_invocation(None if data is None else bytes(data), invocation_id)
+        if data is None:
+            self._check_absent(txn, invocation_id, key)
+            return None
+        return self._decode_invocation(bytes(data), invocation_id)
+
+    def _check_absent(self, txn: lmdb.Transaction, invocation_id: str, key: bytes) -> None:
+        """Raise if the record is missing because a key was damaged.
+
+        A damaged key keeps its place among the keys, so it shows next to
+        where the record belongs: of no shape this layout writes, an
+        invocation key whose record holds this id, or out of order (then the
+        search may have missed the record).
+        """
+        near = _before(txn, key)
+        cursor = txn.cursor()
+        if cursor.set_range(key):
+            near += _after(cursor, *_here(cursor))
+        if not _in_order([k for k, _ in near]):
+            raise self._corrupt(f"keys near where {invocation_id!r} belongs are out of order")
+        wanted = invocation_id.encode("utf-8", "surrogatepass")
+        for other, value in near:
+            kind = key_kind(other)
+            if kind is None:
+                raise self._corrupt(
+                    f"{key_text(other)}, next to where {invocation_id!r} belongs, is of no "
+                    "shape runjournal writes: a key is damaged"
+                )
+            if kind == "invocation" and wanted in value:
+                try:
+                    owner = decode_invocation(value).id
+                except JournalCorrupt:
+                    continue  # that record's own damage, found when it is read
+                if owner == invocation_id:
+                    raise self._corrupt(
+                        f"the record of {invocation_id!r} is stored under a damaged key "
+                        f"({key_text(other)})"
+                    )
 
     def create_invocation(self, invocation: Invocation) -> tuple[Invocation, bool]:
         return self._env().committer.write(self._create_op(invocation))  # type: ignore[no-any-return]
@@ -274,18 +354,127 @@ class LMDBBackend:
         env = self._env()
         hashed = digest(invocation_id)
         prefix = entries_prefix(hashed)
+        first = entry_key(hashed, start)
+        key_bytes = len(first)
 
-        def op(txn: lmdb.Transaction) -> list[bytes]:
+        def op(txn: lmdb.Transaction) -> list[tuple[int, bytes]]:
+            before = _before(txn, first)
+            after: list[tuple[bytes, bytes]] = []
             cursor = txn.cursor()
-            found: list[bytes] = []
-            if cursor.set_range(entry_key(hashed, start)):
-                for key, value in cursor:
+            found: list[tuple[int, bytes]] = []
+            last = start - 1
+            if cursor.set_range(first):
+                for key, value in _records(cursor):
                     if key[: len(prefix)] != prefix:
+                        after = _after(cursor, key, value)
                         break
-                    found.append(bytes(value))
+                    index = int.from_bytes(key[len(prefix) :], "big")
+                    if len(key) != key_bytes or index <= last:
+                        raise self._corrupt(
+                            f"invocation {invocation_id!r}: {key_text(key)} is out of place"
+                        )
+                    last = index
+                    found.append((index, value))
+            # The first and the last key read (their keys: shape and prefix are checked).
+            ends = sorted(
+                {entry_key(hashed, found[0][0]), entry_key(hashed, last)} if found else ()
+            )
+            self._check_around(txn, invocation_id, hashed, start, before, ends, after)
             return found
 
-        return [decode_entry(value, invocation_id) for value in env.read(op)]
+        entries = []
+        for index, value in env.read(op):
+            try:
+                entry = decode_entry(value, invocation_id)
+            except JournalCorrupt as exc:
+                raise self._corrupt(f"invocation {invocation_id!r} entry {index}: {exc}") from exc
+            if entry.index != index:
+                raise self._corrupt(
+                    f"invocation {invocation_id!r}: the record under entry {index}'s key is "
+                    f"entry {entry.index}'s: the key is damaged"
+                )
+            entries.append(entry)
+        return entries
+
+    def _check_around(
+        self,
+        txn: lmdb.Transaction,
+        invocation_id: str,
+        hashed: bytes,
+        start: int,
+        before: list[tuple[bytes, bytes]],
+        ends: list[bytes],
+        after: list[tuple[bytes, bytes]],
+    ) -> None:
+        """Raise if the keys around the entries read betray a damaged key.
+
+        A damaged key keeps its place among the keys. The two keys before
+        the entries read and the two after must be in order with them (else
+        the search may have been misled past some of them), of a shape this
+        layout writes, and not bound to this id (else an entry of it is
+        stored under a damaged key).
+        """
+        first = entry_key(hashed, start)
+        keys = [key for key, _ in before] + ends + [key for key, _ in after]
+        landed = ends[:1] or [key for key, _ in after[:1]]
+        if (
+            not _in_order(keys)
+            or any(key >= first for key, _ in before)
+            or (landed and landed[0] < first)
+        ):
+            raise self._corrupt(
+                f"invocation {invocation_id!r}: the keys around its entries are out of order"
+            )
+        for key, value in before + after:
+            self._check_neighbour(txn, invocation_id, hashed, key, value, start)
+
+    def _check_neighbour(
+        self,
+        txn: lmdb.Transaction,
+        invocation_id: str,
+        hashed: bytes,
+        key: bytes,
+        value: bytes,
+        start: int,
+    ) -> None:
+        """Raise if ``key``, the key just outside the entries read, betrays a damaged key.
+
+        A damaged key keeps its place among the keys, so an entry whose key
+        was damaged sits next to its invocation's entries: of no shape this
+        layout writes, under another id's digest but bound to this id, or
+        (when the damaged order misled the search) one of ours that was skipped.
+        """
+        kind = key_kind(key)
+        if kind is None:
+            raise self._corrupt(
+                f"{key_text(key)}, next to the entries of {invocation_id!r}, is of no shape "
+                "runjournal writes: a key is damaged"
+            )
+        if kind != "entry":
+            return
+        if key[1 : 1 + DIGEST_BYTES] == hashed:
+            if int.from_bytes(key[1 + DIGEST_BYTES :], "big") >= start:
+                raise self._corrupt(
+                    f"invocation {invocation_id!r}: {key_text(key)} is out of place"
+                )
+            return
+        try:
+            decode_entry(bytes(value), invocation_id)
+        except JournalCorrupt:
+            return  # bound to another invocation (or damaged: found when that one is read)
+        # Bound to this id: ours under a damaged key, unless that invocation's id
+        # shares this id's checksum (one chance in 2**32).
+        owner = txn.get(invocation_key(key[1 : 1 + DIGEST_BYTES]))
+        if owner is not None:
+            try:
+                decode_entry(bytes(value), decode_invocation(bytes(owner)).id)
+                return
+            except JournalCorrupt:
+                pass
+        raise self._corrupt(
+            f"invocation {invocation_id!r}: an entry of it is stored under a damaged key "
+            f"({key_text(key)})"
+        )
 
     def append_entry(self, invocation_id: str, entry: Entry) -> None:
         self._env().committer.write(self._append_op(invocation_id, entry))
@@ -326,25 +515,86 @@ class LMDBBackend:
         return results
 
     def list_invocations(self, status: InvocationStatus | None = None) -> Iterator[str]:
+        """Yield the ids of invocations with ``status`` (all if None), sorted.
+
+        Each id's record is read and must agree with the status index.
+
+        Raises:
+            JournalCorrupt: an index key points to no record, or to one of
+                another id or status; or a key next to the index is damaged.
+        """
         env = self._env()
-        prefixes = [STATUS_PREFIX[status]] if status is not None else list(STATUS_PREFIX.values())
+        wanted = [status] if status is not None else list(STATUS_PREFIX)
 
         def op(txn: lmdb.Transaction) -> list[str]:
-            cursor = txn.cursor()
             ids = []
-            for prefix in prefixes:
-                if not cursor.set_range(prefix):
-                    continue
-                for key, value in cursor:
-                    if key[: len(prefix)] != prefix:
-                        break
-                    try:
-                        ids.append(bytes(value).decode("utf-8"))
-                    except UnicodeDecodeError as exc:
-                        raise JournalCorrupt(f"LMDB journal {env.path}: bad status index") from exc
+            for listed in wanted:
+                prefix = STATUS_PREFIX[listed]
+                before = _before(txn, prefix)
+                after: list[tuple[bytes, bytes]] = []
+                cursor = txn.cursor()
+                keys: list[bytes] = []
+                if cursor.set_range(prefix):
+                    for key, value in _records(cursor):
+                        if key[: len(prefix)] != prefix:
+                            after = _after(cursor, key, value)
+                            break
+                        if keys and key <= keys[-1]:
+                            raise self._corrupt(
+                                f"the status index is out of order at {key_text(key)}"
+                            )
+                        keys.append(key)
+                        ids.append(self._indexed(txn, listed, key, value))
+                around = [key for key, _ in before] + keys[:1] + keys[-1:] + [k for k, _ in after]
+                landed = (keys or [k for k, _ in after])[:1]
+                if (
+                    not _in_order(list(dict.fromkeys(around)))
+                    or any(key >= prefix for key, _ in before)
+                    or (landed and landed[0] < prefix)
+                ):
+                    raise self._corrupt("the keys around the status index are out of order")
+                for key, _ in before + after:
+                    self._check_index_neighbour(key)
             return ids
 
         return iter(sorted(env.read(op)))
+
+    def _check_index_neighbour(self, key: bytes) -> None:
+        # A damaged index key keeps its place: it is a neighbour of the index.
+        if key_kind(key) is None:
+            raise self._corrupt(
+                f"{key_text(key)}, next to the status index, is of no shape runjournal "
+                "writes: a key is damaged"
+            )
+
+    def _indexed(
+        self, txn: lmdb.Transaction, status: InvocationStatus, key: bytes, value: bytes
+    ) -> str:
+        """The id a status-index key holds, checked against the key and the record."""
+        try:
+            inv_id = value.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise self._corrupt(f"the status index holds {value[:40]!r}, not an id") from exc
+        hashed = key[len(STATUS_PREFIX[status]) :]
+        if len(hashed) != DIGEST_BYTES or digest(inv_id) != hashed:
+            raise self._corrupt(
+                f"the status index lists {inv_id!r} under {key_text(key)}, another id's key: "
+                "the key or the id is damaged"
+            )
+        data = txn.get(invocation_key(hashed))
+        if data is None:
+            self._check_absent(txn, inv_id, invocation_key(hashed))
+            raise self._corrupt(
+                f"the status index lists {inv_id!r} as {status.value}, but it has no record"
+            )
+        stored = self._decode_invocation(bytes(data), inv_id)
+        assert stored is not None
+        if stored.status is not status:
+            raise self._corrupt(
+                f"the status index lists {inv_id!r} as {status.value}, its record says "
+                f"{stored.status.value}"
+            )
+        return inv_id
 
     def delete_invocation(self, invocation_id: str) -> bool:
         env = self._env()
