@@ -17,16 +17,27 @@ import lmdb
 import pytest
 
 from runjournal.backends import open_backend
-from runjournal.backends.lmdb import LMDBBackend
+from runjournal.backends.lmdb import LMDBBackend, verify
+from runjournal.backends.lmdb import _check as check_module
+from runjournal.backends.lmdb import _environment as environment_module
 from runjournal.backends.lmdb._committer import Op
 from runjournal.backends.lmdb._environment import acquire, release
-from runjournal.backends.lmdb._keys import MARKER, MARKER_KEY, digest, entry_key, invocation_key
+from runjournal.backends.lmdb._keys import (
+    MARKER,
+    MARKER_KEY,
+    digest,
+    entry_key,
+    invocation_key,
+    status_key,
+)
+from runjournal.backends.lmdb._pages import META_BYTES, PageFile, TreeWalk, newest, parse_meta
 from runjournal.context import Context, Runtime
 from runjournal.journal import (
     BackendUnavailable,
     EntryConflict,
     InvocationStatus,
     JournalBackend,
+    JournalCorrupt,
 )
 from runjournal.journal.testing import JournalBackendTests, Opener, make_entry, make_invocation
 
@@ -487,3 +498,245 @@ def test_a_map_grown_by_another_process_is_adopted(tmp_path: Path) -> None:
     backend.append_entry("mine", make_entry(1, os.urandom(8192)))
     assert [e.index for e in backend.read_entries("mine")] == [0, 1]
     backend.close()
+
+
+# -- damaged and foreign files -------------------------------------------------------
+
+
+def _issue_journal(path: Path) -> None:
+    """Thirty pending invocations of six entries each (the issue's examples)."""
+    with LMDBBackend.open(path) as backend:
+        for n in range(30):
+            backend.create_invocation(make_invocation(f"inv-{n:03d}"))
+            for index in range(6):
+                backend.append_entry(f"inv-{n:03d}", make_entry(index, b'"%d"' % index))
+
+
+def _offset_of(path: Path, key: bytes, *, in_key: int | None = None, in_value: int = 0) -> int:
+    """Where byte ``in_key`` of ``key``, or byte ``in_value`` of its value, lies in data.mdb."""
+    fd = os.open(path / "data.mdb", os.O_RDONLY)
+    try:
+        first = parse_meta(os.pread(fd, META_BYTES, 0), 0)
+        meta = newest(first, parse_meta(os.pread(fd, META_BYTES, first.page_size), 1))
+        located: list[tuple[int, int, int, int]] = []
+        pages = PageFile(fd, meta.page_size, os.fstat(fd).st_size)
+        walk = TreeWalk(pages, meta.main, meta.last_page, "main", locations=located)
+        records = [k for k, _ in walk.records()]
+    finally:
+        os.close(fd)
+    key_at, _, value_at, _ = located[records.index(key)]
+    return key_at + in_key if in_key is not None else value_at + in_value
+
+
+def _flip_at(path: Path, at: int) -> None:
+    with open(path / "data.mdb", "r+b") as f:
+        f.seek(at)
+        byte = f.read(1)[0]
+        f.seek(at)
+        f.write(bytes([byte ^ 0x04]))
+
+
+def test_a_flipped_bit_in_an_entry_key_is_not_a_silently_shorter_journal(tmp_path: Path) -> None:
+    # The issue: read_entries returned [0, 1, 2] and resume ran steps 3-5 again.
+    path = tmp_path / "j"
+    _issue_journal(path)
+    for byte in (5, 20, 32):  # anywhere in the digest, its last byte included
+        at = _offset_of(path, entry_key(digest("inv-007"), 3), in_key=byte)
+        _flip_at(path, at)
+        with LMDBBackend.open(path) as backend, pytest.raises(JournalCorrupt, match=str(path)):
+            backend.read_entries("inv-007")
+        _flip_at(path, at)  # and back
+        with LMDBBackend.open(path) as backend:
+            assert [e.index for e in backend.read_entries("inv-007")] == list(range(6))
+
+
+def test_a_flipped_bit_in_the_status_index_is_not_a_silently_other_id(tmp_path: Path) -> None:
+    # The issue: list_invocations() named inv-424, which does not exist, not inv-024.
+    path = tmp_path / "j"
+    _issue_journal(path)
+    _flip_at(
+        path, _offset_of(path, status_key(InvocationStatus.PENDING, digest("inv-024")), in_value=4)
+    )
+    with LMDBBackend.open(path) as backend:
+        with pytest.raises(JournalCorrupt, match=r"lists 'inv-424'.*another id's key"):
+            list(backend.list_invocations(InvocationStatus.PENDING))
+        with pytest.raises(JournalCorrupt):
+            list(backend.list_invocations())
+
+
+def test_a_flipped_bit_in_an_invocation_key_is_not_a_missing_invocation(tmp_path: Path) -> None:
+    path = tmp_path / "j"
+    _issue_journal(path)
+    _flip_at(path, _offset_of(path, invocation_key(digest("inv-011")), in_key=32))
+    with LMDBBackend.open(path) as backend:
+        with pytest.raises(JournalCorrupt, match="stored under a damaged key"):
+            backend.get_invocation("inv-011")
+        with pytest.raises(JournalCorrupt, match="inv-011"):
+            list(backend.list_invocations())
+        with pytest.raises(JournalCorrupt):  # invoke would have made it anew
+            backend.create_invocation(make_invocation("inv-011"))
+
+
+def test_an_index_key_without_a_record_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "j"
+    _issue_journal(path)
+    env = lmdb.open(str(path))
+    with env.begin(write=True) as txn:
+        txn.delete(invocation_key(digest("inv-003")))
+    env.close()
+    with (
+        LMDBBackend.open(path) as backend,
+        pytest.raises(JournalCorrupt, match="lists 'inv-003' as pending, but it has no record"),
+    ):
+        list(backend.list_invocations(InvocationStatus.PENDING))
+    report = verify(path)
+    assert not report.ok
+    assert {str(p) for p in report.problems} >= {
+        "invocation 'inv-003': the status index lists it as pending, but it has no record",
+        f"key e:{digest('inv-003')[:6].hex()}…: 6 entries without an invocation record",
+    }
+
+
+def test_read_entries_returns_every_entry_across_gaps(tmp_path: Path) -> None:
+    with LMDBBackend.open(tmp_path / "j") as backend:
+        backend.create_invocation(make_invocation("gaps"))
+        for index in (0, 2, 3, 7, 2**40):
+            backend.append_entry("gaps", make_entry(index))
+        assert [e.index for e in backend.read_entries("gaps")] == [0, 2, 3, 7, 2**40]
+        assert [e.index for e in backend.read_entries("gaps", 4)] == [7, 2**40]
+
+
+def test_an_empty_data_file_is_refused_not_an_empty_journal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(check_module, "HALF_CREATED_WAIT", 0.05)
+    path = tmp_path / "j"
+    _issue_journal(path)
+    os.truncate(path / "data.mdb", 0)
+    with pytest.raises(JournalCorrupt, match=f"{path}: data.mdb is damaged: it is empty"):
+        LMDBBackend.open(path)
+    assert (path / "data.mdb").stat().st_size == 0  # left as it was, for whoever looks
+
+
+def test_a_truncated_data_file_is_refused_before_lmdb_maps_it(tmp_path: Path) -> None:
+    path = tmp_path / "j"
+    _issue_journal(path)
+    os.truncate(path / "data.mdb", max(_leaf_pages(path)) * 4096)  # a leaf in use is cut
+    with pytest.raises(JournalCorrupt, match="the file was truncated"):
+        LMDBBackend.open(path)
+
+
+def test_an_empty_environment_of_another_application_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(environment_module, "HALF_CREATED_WAIT", 0.05)
+    env = lmdb.open(str(tmp_path / "never-written"))
+    env.close()
+    with pytest.raises(BackendUnavailable, match="empty LMDB environment that runjournal did not"):
+        LMDBBackend.open(tmp_path / "never-written")
+    env = lmdb.open(str(tmp_path / "emptied"))
+    with env.begin(write=True) as txn:
+        txn.put(b"user:1", b"ada")
+    with env.begin(write=True) as txn:
+        txn.delete(b"user:1")
+    env.close()
+    started = time.monotonic()
+    monkeypatch.setattr(environment_module, "HALF_CREATED_WAIT", 10.0)
+    with pytest.raises(BackendUnavailable, match="empty LMDB environment that runjournal did not"):
+        LMDBBackend.open(tmp_path / "emptied")
+    assert time.monotonic() - started < 5  # written to before: refused without a wait
+
+
+def test_a_damaged_layout_marker_is_corruption_a_newer_one_is_not(tmp_path: Path) -> None:
+    for marker, error, match in [
+        (b"runjournal-lmdb/2", BackendUnavailable, "upgrade runjournal"),
+        (b"runjournal/lmdb/1", JournalCorrupt, "the layout marker reads"),
+        (None, JournalCorrupt, "the layout marker is missing"),
+    ]:
+        path = tmp_path / f"j{marker!r}"
+        _issue_journal(path)
+        env = lmdb.open(str(path))
+        with env.begin(write=True) as txn:
+            if marker is None:
+                txn.delete(MARKER_KEY)
+            else:
+                txn.put(MARKER_KEY, marker)
+        env.close()
+        with pytest.raises(error, match=match):
+            LMDBBackend.open(path)
+
+
+# -- verify and runjournal check -------------------------------------------------------
+
+
+def test_verify_walks_a_sound_journal(tmp_path: Path) -> None:
+    path = tmp_path / "j"
+    _issue_journal(path)
+    with LMDBBackend.open(path) as backend:
+        report = backend.verify()  # in use: the child reads one snapshot
+    assert report.ok, report
+    assert (report.invocations, report.entries) == (30, 180)
+    assert report.pages > 10
+    assert report == verify(f"lmdb://{path}")
+
+
+def test_verify_reports_a_damaged_page_instead_of_dying(tmp_path: Path) -> None:
+    path = tmp_path / "j"
+    _issue_journal(path)
+    leaf = _leaf_pages(path)[1]
+    with open(path / "data.mdb", "r+b") as f:
+        f.seek(leaf * 4096)
+        f.write(bytes(4096))
+    report = verify(path)
+    assert not report.ok
+    assert f"page {leaf}: is all zeros" in [str(p) for p in report.problems]
+    # LMDB itself aborts reading that page; the report says so rather than dying.
+    assert any(p.where == "LMDB" and "SIGABRT" in p.what for p in report.problems)
+
+
+def _leaf_pages(path: Path) -> list[int]:
+    fd = os.open(path / "data.mdb", os.O_RDONLY)
+    try:
+        first = parse_meta(os.pread(fd, META_BYTES, 0), 0)
+        meta = newest(first, parse_meta(os.pread(fd, META_BYTES, first.page_size), 1))
+        located: list[tuple[int, int, int, int]] = []
+        pages = PageFile(fd, meta.page_size, os.fstat(fd).st_size)
+        list(TreeWalk(pages, meta.main, meta.last_page, "main", locations=located).records())
+    finally:
+        os.close(fd)
+    return list(dict.fromkeys(key_at // 4096 for key_at, _, _, _ in located))
+
+
+def _check_command(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "runjournal", "check", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_runjournal_check_prints_one_line_per_problem(tmp_path: Path) -> None:
+    path = tmp_path / "j"
+    _issue_journal(path)
+    done = _check_command(f"lmdb://{path}")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"{path}: ok (30 invocations, 180 entries, {verify(path).pages} pages)\n"
+    env = lmdb.open(str(path))
+    with env.begin(write=True) as txn:
+        txn.put(entry_key(digest("nobody"), 0), b"x")
+        txn.delete(status_key(InvocationStatus.PENDING, digest("inv-001")))
+    env.close()
+    done = _check_command(str(path))
+    assert done.returncode == 1
+    assert done.stdout.splitlines() == [
+        f"{path}: key e:{digest('nobody')[:6].hex()}…: 1 entry without an invocation record",
+        f"{path}: invocation 'inv-001': is pending, but the status index misses it "
+        "(list_invocations and recover() would not see it)",
+    ]
+    as_json = _check_command("--json", str(path))
+    assert as_json.returncode == 1 and '"ok": false' in as_json.stdout
+    refused = _check_command("s3://bucket/prefix")
+    assert refused.returncode == 2 and "only lmdb://" in refused.stderr

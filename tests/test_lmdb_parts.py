@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import os
+import random
 import re
 import threading
 import time
@@ -13,13 +14,28 @@ from itertools import permutations
 from pathlib import Path
 from typing import Any
 
+import attrs
 import lmdb
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from runjournal.backends.lmdb import LMDBBackend, Problem
+from runjournal.backends.lmdb._check import (
+    HalfCreated,
+    RecordCheck,
+    _report,
+    check_before_open,
+    examine,
+)
 from runjournal.backends.lmdb._committer import GroupCommitter, Op
-from runjournal.backends.lmdb._environment import acquire, release
+from runjournal.backends.lmdb._environment import (
+    TEMP_PREFIX,
+    acquire,
+    prepare_directory,
+    publish,
+    release,
+)
 from runjournal.backends.lmdb._errors import mapped, translate, translate_open
 from runjournal.backends.lmdb._gate import ResizeGate
 from runjournal.backends.lmdb._keys import (
@@ -31,7 +47,22 @@ from runjournal.backends.lmdb._keys import (
     entries_prefix,
     entry_key,
     invocation_key,
+    key_kind,
+    key_text,
     status_key,
+)
+from runjournal.backends.lmdb._pages import (
+    META_BYTES,
+    P_INVALID,
+    Meta,
+    PageFile,
+    TreeWalk,
+    free_pages_of,
+    meta_pair_problems,
+    meta_problems,
+    newest,
+    overflow_page_count,
+    parse_meta,
 )
 from runjournal.journal import (
     BackendUnavailable,
@@ -40,7 +71,10 @@ from runjournal.journal import (
     JournalCorrupt,
     JournalError,
     TransientError,
+    encode_entry,
+    encode_invocation,
 )
+from runjournal.journal.testing import make_entry, make_invocation
 
 WAIT = 10.0  # a generous bound for every wait: a hang fails, not blocks
 QUIET = 0.2  # how long "nothing happens" is watched for
@@ -569,3 +603,380 @@ def test_one_environment_per_path_released_with_its_last_client(tmp_path: Path) 
     assert third is not first
     assert third.refs == 1
     release(third)
+
+
+# -- key shapes --------------------------------------------------------------
+
+
+def test_every_key_the_layout_writes_has_a_kind_and_damaged_ones_have_none() -> None:
+    hashed = digest("inv")
+    assert key_kind(MARKER_KEY) == "marker"
+    assert key_kind(invocation_key(hashed)) == "invocation"
+    assert key_kind(entry_key(hashed, 7)) == "entry"
+    assert {key_kind(status_key(s, hashed)) for s in InvocationStatus} == {"status"}
+    # One flipped bit in a kind letter, or a length that is not the kind's: no kind.
+    for key in (
+        invocation_key(hashed),
+        entry_key(hashed, 0),
+        status_key(InvocationStatus.PENDING, hashed),
+        MARKER_KEY,
+    ):
+        for bit in range(8):
+            damaged = bytes([key[0] ^ (1 << bit)]) + key[1:]
+            assert key_kind(damaged) is None, damaged[:2]
+        assert key_kind(key + b"x") is None
+    for bit in range(8):  # the status letter too
+        letter = STATUS_PREFIX[InvocationStatus.PENDING][1] ^ (1 << bit)
+        assert key_kind(b"s" + bytes([letter]) + hashed) is None
+    assert key_kind(b"") is None
+
+
+def test_key_text_names_the_kind_digest_and_index() -> None:
+    hashed = digest("inv")
+    assert key_text(entry_key(hashed, 3)) == f"key e:{hashed[:6].hex()}…/3"
+    assert key_text(invocation_key(hashed)) == f"key i:{hashed[:6].hex()}…"
+    assert key_text(status_key(InvocationStatus.FAILED, hashed)).startswith("key sf:")
+    assert key_text(MARKER_KEY) == "the layout marker"
+    assert key_text(b"user:1") == "key 757365723a31 (6 bytes)"
+
+
+# -- LMDB's file format ------------------------------------------------------
+
+
+def _metas(path: Path) -> tuple[Meta, Meta]:
+    data = (path / "data.mdb").read_bytes()
+    first = parse_meta(data[:META_BYTES], 0)
+    return first, parse_meta(data[first.page_size : first.page_size + META_BYTES], 1)
+
+
+def _journal(path: Path, invocations: int = 20, entries: int = 5) -> Path:
+    """A journal of several levels of pages, with a 5000-byte value per invocation."""
+    with LMDBBackend.open(path, map_size=1 << 20) as journal:
+        for n in range(invocations):
+            inv_id = f"real-{n:03d}"
+            journal.create_invocation(make_invocation(inv_id))
+            for index in range(entries):
+                size = 5000 if index == 2 else 100
+                journal.append_entry(inv_id, make_entry(index, os.urandom(size)))
+    return path
+
+
+def test_meta_pages_of_a_new_and_a_used_environment_are_sane(tmp_path: Path) -> None:
+    env = lmdb.open(str(tmp_path / "new"), map_size=1 << 20)
+    env.close()
+    first, second = _metas(tmp_path / "new")
+    assert (first.txnid, second.txnid) == (0, 0)
+    assert (first.main.root, first.last_page, first.page_size) == (P_INVALID, 1, 4096)
+    assert meta_problems(first) == meta_problems(second) == []
+    assert meta_pair_problems(first, second) == []
+    first, second = _metas(_journal(tmp_path / "used"))
+    assert abs(first.txnid - second.txnid) == 1
+    assert newest(first, second).txnid == max(first.txnid, second.txnid)
+    assert meta_problems(first) == meta_problems(second) == []
+
+
+def test_damaged_meta_fields_are_named(tmp_path: Path) -> None:
+    first, second = _metas(_journal(tmp_path / "j"))
+    assert meta_problems(attrs.evolve(first, magic=0)) == ["no LMDB magic (0x00000000)"]
+    assert meta_problems(attrs.evolve(first, version=2)) == ["LMDB data format 2, not 1"]
+    bad_root = attrs.evolve(first, main=attrs.evolve(first.main, root=first.last_page + 1))
+    assert any("root is page" in p for p in meta_problems(bad_root))
+    bad_depth = attrs.evolve(first, main=attrs.evolve(first.main, depth=40))
+    assert any("depth is 40" in p for p in meta_problems(bad_depth))
+    bad_size = attrs.evolve(first, free=attrs.evolve(first.free, pad=3000))
+    assert any("page size 3000" in p for p in meta_problems(bad_size))
+    assert any("map size" in p for p in meta_problems(attrs.evolve(first, map_size=4096)))
+    assert any("header says page 1" in p for p in meta_problems(attrs.evolve(first, page_number=1)))
+    far = attrs.evolve(second, txnid=second.txnid + 64)
+    assert "not consecutive" in meta_pair_problems(first, far)[0]
+
+
+def test_overflow_page_counts_match_lmdb() -> None:
+    assert overflow_page_count(1, 4096) == 1
+    assert overflow_page_count(4096 - 16, 4096) == 1
+    assert overflow_page_count(4096 - 15, 4096) == 2
+    assert overflow_page_count(5000, 4096) == 2
+
+
+def _walk(path: Path) -> tuple[TreeWalk, list[tuple[bytes, bytes]], set[int]]:
+    fd = os.open(path / "data.mdb", os.O_RDONLY)
+    try:
+        meta = newest(*_metas(path))
+        pages = PageFile(fd, meta.page_size, os.fstat(fd).st_size)
+        seen: set[int] = set()
+        free = free_pages_of(TreeWalk(pages, meta.free, meta.last_page, "free", True, seen), [])
+        walk = TreeWalk(pages, meta.main, meta.last_page, "main", seen=seen, locations=[])
+        return walk, list(walk.records()), free
+    finally:
+        os.close(fd)
+
+
+def test_the_page_walk_reads_what_lmdb_reads(tmp_path: Path) -> None:
+    path = _journal(tmp_path / "j")
+    walk, records, free = _walk(path)
+    env = lmdb.open(str(path), readonly=True)
+    with env.begin() as txn:
+        assert records == [(bytes(k), bytes(v)) for k, v in txn.cursor()]
+    env.close()
+    assert walk.problems == []
+    assert walk.overflow_pages == 20 * 2  # one 5000-byte value each
+    assert walk.branch_pages >= 1  # a tree of more than one level
+    assert not free & walk.seen
+    assert walk.locations is not None and len(walk.locations) == len(records)
+    data = (path / "data.mdb").read_bytes()
+    for (key_at, key_size, value_at, value_size), (key, value) in zip(
+        walk.locations, records, strict=True
+    ):
+        assert data[key_at : key_at + key_size] == key
+        assert data[value_at : value_at + value_size] == value
+
+
+@pytest.mark.parametrize(
+    ("damage", "problem"),
+    [
+        (lambda page: bytes(len(page)), "is all zeros"),
+        (lambda page: page[:10] + b"\x07" + page[11:], "flags 0x"),  # flags: a wrong type
+        (lambda page: page[:12] + b"\x08\x00" + page[14:], "bad node bounds"),  # lower
+    ],
+)
+def test_the_page_walk_names_a_damaged_leaf(
+    tmp_path: Path, damage: Callable[[bytes], bytes], problem: str
+) -> None:
+    path = _journal(tmp_path / "j")
+    walk, _, _ = _walk(path)
+    assert walk.locations is not None
+    leaf = walk.locations[len(walk.locations) // 2][0] // 4096
+    with open(path / "data.mdb", "r+b") as f:
+        f.seek(leaf * 4096)
+        page = f.read(4096)
+        f.seek(leaf * 4096)
+        f.write(damage(page))
+    walk, records, _ = _walk(path)
+    assert [e.page for e in walk.problems] == [leaf]
+    assert problem in walk.problems[0].what
+    assert len(records) < walk.db.entries
+
+
+def test_the_page_walk_never_reads_past_the_end(tmp_path: Path) -> None:
+    path = _journal(tmp_path / "j")
+    size = (path / "data.mdb").stat().st_size
+    os.truncate(path / "data.mdb", size // 2)
+    walk, _, _ = _walk(path)
+    assert any("beyond the end of data.mdb" in e.what for e in walk.problems)
+
+
+# -- the check before opening ------------------------------------------------
+
+
+def test_examine_finds_what_lmdb_would_die_of(tmp_path: Path) -> None:
+    path = _journal(tmp_path / "j")
+    data = path / "data.mdb"
+    assert examine(str(path)) == newest(*_metas(path))
+    assert examine(str(tmp_path / "none")) is None
+    original = data.read_bytes()
+    data.write_bytes(b"")
+    with pytest.raises(HalfCreated):
+        examine(str(path))
+    for size, match in [(100, "too short for LMDB's first"), (4100, "too short for LMDB's second")]:
+        data.write_bytes(original[:size])
+        with pytest.raises(JournalCorrupt, match=match):
+            examine(str(path))
+    data.write_bytes(original[: len(original) - 4096])
+    with pytest.raises(JournalCorrupt, match="the file was truncated"):
+        examine(str(path))
+    data.write_bytes(bytes(4096) + original[4096:])
+    with pytest.raises(JournalCorrupt, match="meta page 0: no LMDB magic"):
+        examine(str(path))
+    data.write_bytes(os.urandom(len(original)))
+    with pytest.raises(BackendUnavailable, match="not an LMDB environment runjournal can open"):
+        examine(str(path))
+
+
+def test_a_file_short_of_only_free_pages_is_sound(tmp_path: Path) -> None:
+    # A commit may leave pages it allocated and freed again ("loose" pages)
+    # unwritten at the end of the file: LMDB never reads them. A seeded run
+    # of puts and deletes that ends so (found by trying seeds).
+    path = tmp_path / "env"
+    rnd = random.Random(21)
+    env = lmdb.open(str(path), map_size=64 << 20)
+    keys: list[bytes] = []
+    for _ in range(40):
+        with env.begin(write=True) as txn:
+            for _ in range(rnd.randint(1, 50)):
+                if rnd.random() < 0.6 or not keys:
+                    keys.append(rnd.randbytes(rnd.randint(8, 60)))
+                    txn.put(keys[-1], rnd.randbytes(rnd.choice([10, 100, 1000, 3000, 9000])))
+                else:
+                    txn.delete(keys.pop(rnd.randrange(len(keys))))
+        meta = newest(*_metas(path))
+        if (path / "data.mdb").stat().st_size < (meta.last_page + 1) * meta.page_size:
+            break
+    else:
+        pytest.fail("no commit left its last pages unwritten")
+    env.close()
+    assert examine(str(path)) == meta
+    env = lmdb.open(str(path), readonly=True)
+    with env.begin() as txn:
+        assert sorted(bytes(k) for k, _ in txn.cursor()) == sorted(keys)
+    env.close()
+    walk, _, _ = _walk(path)
+    os.truncate(path / "data.mdb", max(walk.seen) * meta.page_size)  # a page in use is cut
+    with pytest.raises(JournalCorrupt, match="truncated"):
+        examine(str(path))
+
+
+def test_an_empty_data_file_is_waited_on_then_refused(tmp_path: Path) -> None:
+    (tmp_path / "j").mkdir()
+    (tmp_path / "j" / "data.mdb").write_bytes(b"")
+    started = time.monotonic()
+    with pytest.raises(JournalCorrupt, match=r"j: data.mdb is damaged: it is empty"):
+        check_before_open(str(tmp_path / "j"), wait=0.2)
+    assert 0.2 <= time.monotonic() - started < 2
+    # One another process fills meanwhile (LMDB creating it in place) is taken.
+    _journal(tmp_path / "k")
+    whole = (tmp_path / "k" / "data.mdb").read_bytes()
+    timer = threading.Timer(0.1, lambda: (tmp_path / "j" / "data.mdb").write_bytes(whole))
+    timer.start()
+    assert check_before_open(str(tmp_path / "j"), wait=WAIT) is not None
+    timer.join()
+
+
+# -- creating a journal --------------------------------------------------------
+
+
+def test_a_directory_may_hold_lmdbs_lock_file_and_journals_being_made(tmp_path: Path) -> None:
+    path = tmp_path / "j"
+    path.mkdir()
+    (path / "lock.mdb").write_bytes(b"")
+    (path / f"{TEMP_PREFIX}123-abc").write_bytes(b"")
+    prepare_directory(str(path))
+    (path / "notes.txt").write_text("hello")
+    with pytest.raises(BackendUnavailable, match="non-empty directory with no data.mdb"):
+        prepare_directory(str(path))
+    prepare_directory(str(tmp_path / "new" / "deeper"))  # parents too, race-safe
+    assert (tmp_path / "new" / "deeper").is_dir()
+
+
+def test_publish_makes_a_whole_journal_once(tmp_path: Path) -> None:
+    path = tmp_path / "j"
+    path.mkdir()
+    assert publish(str(path), map_size=1 << 20, durable=True)
+    made = (path / "data.mdb").read_bytes()
+    assert publish(str(path), map_size=1 << 20, durable=True)  # another one lost: no change
+    assert (path / "data.mdb").read_bytes() == made
+    assert os.listdir(path) == ["data.mdb"]
+    env = lmdb.open(str(path))
+    with env.begin() as txn:
+        assert list(txn.cursor()) == [(MARKER_KEY, MARKER)]
+    env.close()
+
+
+def test_without_hard_links_the_journal_is_made_in_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_link(*args: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_link)
+    path = tmp_path / "j"
+    path.mkdir()
+    assert not publish(str(path), map_size=1 << 20, durable=True)
+    assert os.listdir(path) == []  # nothing left behind
+    with LMDBBackend.open(path) as journal:  # LMDB makes it, this process marks it
+        journal.create_invocation(make_invocation("x"))
+    with LMDBBackend.open(path) as journal:
+        assert journal.get_invocation("x") is not None
+
+
+# -- what records mean -------------------------------------------------------
+
+
+def _records_of(records: dict[bytes, bytes]) -> list[Problem]:
+    check = RecordCheck()
+    for key in sorted(records):
+        if key[:1] == b"i":
+            check.invocation(key, records[key])
+    for key in sorted(records):
+        check.record(key, records[key])
+    return check.finish()
+
+
+def _sound_records() -> dict[bytes, bytes]:
+    records = {MARKER_KEY: MARKER}
+    for n, status in enumerate(InvocationStatus):
+        inv = make_invocation(f"inv-{n}", status=status)
+        hashed = digest(inv.id)
+        records[invocation_key(hashed)] = encode_invocation(inv)
+        records[status_key(status, hashed)] = inv.id.encode()
+        for index in range(3):
+            records[entry_key(hashed, index)] = encode_entry(make_entry(index), inv.id)
+    return records
+
+
+def test_sound_records_have_no_problem() -> None:
+    assert _records_of(_sound_records()) == []
+
+
+def test_what_records_mean_is_checked() -> None:
+    sound = _sound_records()
+    h0, h1 = digest("inv-0"), digest("inv-1")
+    cases: list[tuple[Callable[[dict[bytes, bytes]], object], str]] = [
+        (lambda r: r.pop(MARKER_KEY), "the layout marker: is missing"),
+        (lambda r: r.update({MARKER_KEY: b"runjournal-lmdb/9"}), "the layout marker: reads"),
+        (lambda r: r.update({b"user:1": b"x"}), "of no shape runjournal writes"),
+        (lambda r: r.pop(invocation_key(h0)), "3 entries without an invocation record"),
+        (lambda r: r.pop(invocation_key(h0)), "the status index lists it as pending, but it has"),
+        (
+            lambda r: r.update({entry_key(h0, 1): r[entry_key(h1, 1)]}),
+            "written for another invocation",
+        ),
+        (
+            lambda r: r.update({entry_key(h0, 1): r[entry_key(h0, 2)]}),
+            "the record is entry 2's: the key is damaged",
+        ),
+        (
+            lambda r: r.update({invocation_key(h0): r[invocation_key(h1)]}),
+            "its record is stored under another id's key",
+        ),
+        (
+            lambda r: r.pop(status_key(InvocationStatus.PENDING, h0)),
+            "is pending, but the status index misses it",
+        ),
+        (
+            lambda r: r.update({status_key(InvocationStatus.PENDING, h0): b"inv-4"}),
+            "whose digest is another",
+        ),
+        (
+            lambda r: r.update(
+                {
+                    status_key(InvocationStatus.FAILED, h0): r.pop(
+                        status_key(InvocationStatus.PENDING, h0)
+                    )
+                }
+            ),
+            "the status index says failed, its record says pending",
+        ),
+        (
+            lambda r: r.update({invocation_key(h0): r[invocation_key(h0)][:-1] + b"\x00"}),
+            "the invocation record is damaged",
+        ),
+    ]
+    for change, expected in cases:
+        records = dict(sound)
+        change(records)
+        problems = [str(p) for p in _records_of(records)]
+        assert any(expected in p for p in problems), (expected, problems)
+
+
+def test_a_report_names_a_child_killed_by_a_signal_or_stuck() -> None:
+    out = '{"where": "page 7", "what": "is all zeros"}\n{"pages": 9}\n'
+    report = _report("/j", out, "", -6, None)
+    assert not report.ok and report.pages == 9
+    assert [p.where for p in report.problems] == ["page 7", "LMDB"]
+    assert "SIGABRT" in report.problems[1].what
+    assert str(report).splitlines()[0] == "/j: page 7: is all zeros"
+    assert "did not finish within 5 s" in str(_report("/j", "", "", None, 5))
+    failed = _report("/j", "", "Traceback\nValueError: boom\n", 1, None)
+    assert failed.problems[0].what == "the check itself failed: ValueError: boom"
+    ok = _report("/j", '{"pages": 3, "invocations": 1, "entries": 2}\n', "", 0, None)
+    assert ok.ok and str(ok) == "/j: ok (1 invocations, 2 entries, 3 pages)"
