@@ -28,7 +28,7 @@ from runjournal._cli_ops._journal import (
     open_journal,
 )
 from runjournal._cli_ops._progress import Progress
-from runjournal._cli_ops._timeline import bars, render, span_of
+from runjournal._cli_ops._timeline import Bar, bars, render, span_of
 from runjournal._cli_ops._units import (
     format_bytes,
     format_clock,
@@ -38,6 +38,7 @@ from runjournal._cli_ops._units import (
 from runjournal._cli_ops._values import failure_json, failure_text, value_json, value_text
 from runjournal.context import WORKER_PREFIX, PurgeStep, RecoveryResult, Runtime, is_worker_record
 from runjournal.context._futures import read_decision
+from runjournal.context._lease import RELEASED
 from runjournal.context._purge import holder_of
 from runjournal.journal import (
     Entry,
@@ -109,7 +110,7 @@ def _lease_text(inv: Invocation, holders: _Holders) -> str:
             alive = lease.expires_at > holders.now
             return f"alive until {_hms(lease.expires_at)}" if alive else "gone"
         return "-"
-    if lease.incarnation == 0:
+    if lease.incarnation == RELEASED:
         return f"{lease.owner}, released"
     if holders.held(lease):
         if lease.expires_at > holders.now:
@@ -320,7 +321,7 @@ def _show_lines(
     inv: Invocation,
     entries: list[Entry],
     holders: _Holders,
-    drawn: list[Any],
+    drawn: list[Bar],
     span: float,
 ) -> list[str]:
     now = time.time()
