@@ -44,6 +44,11 @@ class StepInterrupted(TerminalError):
     """
 
 
+# Journaled (and shown by `runjournal show`) under the name users import them by.
+TerminalError.__module__ = "runjournal"
+StepInterrupted.__module__ = "runjournal"
+
+
 class NonDeterminismError(RuntimeError):
     """The handler asked for a step that differs from the one journaled at that index."""
 
