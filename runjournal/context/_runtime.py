@@ -50,6 +50,7 @@ from runjournal.context._writer import JournalWriter
 from runjournal.journal import (
     Codec,
     CreateInvocation,
+    Entry,
     Invocation,
     InvocationStatus,
     JournalBackend,
@@ -557,24 +558,33 @@ class Runtime:
             return self._on_loop(self._adrive(spec, claimed, fresh=fresh, trust=trust))
         guard = self._guard(claimed, trust)
         recorded = [] if fresh else self.backend.read_entries(claimed.id)
-        attempt = Attempt(
-            self.backend,
-            claimed,
-            recorded,
-            handler=spec.name,
-            defaults=self.options,
-            clock=self.clock,
-            on_retry=self.on_retry,
-            executor=self._executor,
-            guard=guard,
-            rng=self._rng,
-        )
+        args, kwargs = self._attempt_args(spec, claimed, recorded, guard)
+        attempt = Attempt(*args, **kwargs)
         self._liveness.start()
         try:
             with self._traced(attempt):
                 return self._run_attempt(spec, attempt)
         finally:
             attempt.end()
+
+    def _attempt_args(
+        self,
+        spec: HandlerSpec,
+        claimed: Invocation,
+        recorded: list[Entry],
+        guard: Callable[[], None],
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """What every attempt (sync or async) is built with."""
+        kwargs = {
+            "handler": spec.name,
+            "defaults": self.options,
+            "clock": self.clock,
+            "on_retry": self.on_retry,
+            "executor": self._executor,
+            "guard": guard,
+            "rng": self._rng,
+        }
+        return (self.backend, claimed, recorded), kwargs
 
     def _guard(self, claimed: Invocation, trust: float) -> Callable[[], None]:
         """The lease check of an attempt: raises LeaseLost once the lease is gone."""
@@ -700,20 +710,8 @@ class Runtime:
             return None
 
         recorded = [] if fresh else await asyncio.to_thread(self.backend.read_entries, claimed.id)
-        attempt = AsyncAttempt(
-            self.backend,
-            claimed,
-            recorded,
-            handler=spec.name,
-            defaults=self.options,
-            clock=self.clock,
-            on_retry=self.on_retry,
-            executor=self._executor,
-            guard=guard,
-            rng=self._rng,
-            writer=self._writer,
-            aguard=aguard,
-        )
+        args, kwargs = self._attempt_args(spec, claimed, recorded, guard)
+        attempt = AsyncAttempt(*args, **kwargs, writer=self._writer, aguard=aguard)
         self._liveness.start()
         try:
             with self._traced(attempt):
