@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import itertools
+import functools
+import operator
 import os
+import struct
 from collections.abc import Iterator, Sequence
-from typing import Final, cast
+from typing import Any, Final, cast
 
 import attrs
 import lmdb
@@ -94,8 +96,34 @@ def _after(cursor: lmdb.Cursor, key: bytes, value: bytes) -> list[tuple[bytes, b
     return found
 
 
-def _in_order(keys: Sequence[bytes]) -> bool:
-    return all(a < b for a, b in itertools.pairwise(keys))
+def _in_order(keys: Sequence[Any]) -> bool:
+    return all(map(operator.lt, keys, keys[1:]))
+
+
+_CHUNK: Final = 1024
+
+
+@functools.lru_cache(maxsize=64)
+def _indexes(count: int) -> struct.Struct:
+    """Reads the indexes of ``count`` joined entry keys (each after its prefix)."""
+    return struct.Struct(">" + f"{1 + DIGEST_BYTES}xQ" * count)
+
+
+_INDEX_OF: Final = operator.attrgetter("index")
+
+
+def _key_indexes(keys: Sequence[bytes], width: int) -> list[int] | None:
+    """The index in each of ``keys`` (entry keys of ``width`` bytes), read in C;
+    None if they do not add up to that width (one of other length would shift
+    the rest, whose indexes then disagree with their records)."""
+    joined = b"".join(keys)
+    if len(joined) != width * len(keys):
+        return None
+    indexes: list[int] = []
+    for at in range(0, len(keys), _CHUNK):
+        count = min(_CHUNK, len(keys) - at)
+        indexes += _indexes(count).unpack_from(joined, at * width)
+    return indexes
 
 
 @attrs.frozen
@@ -355,45 +383,56 @@ class LMDBBackend:
         hashed = digest(invocation_id)
         prefix = entries_prefix(hashed)
         first = entry_key(hashed, start)
-        key_bytes = len(first)
+        size = len(prefix)
 
-        def op(txn: lmdb.Transaction) -> list[tuple[int, bytes]]:
+        def op(txn: lmdb.Transaction) -> list[tuple[bytes, bytes]]:
             before = _before(txn, first)
             after: list[tuple[bytes, bytes]] = []
             cursor = txn.cursor()
-            found: list[tuple[int, bytes]] = []
-            last = start - 1
+            found: list[tuple[bytes, bytes]] = []
             if cursor.set_range(first):
-                for key, value in _records(cursor):
-                    if key[: len(prefix)] != prefix:
-                        after = _after(cursor, key, value)
+                for record in _records(cursor):
+                    if record[0][:size] != prefix:
+                        after = _after(cursor, *record)
                         break
-                    index = int.from_bytes(key[len(prefix) :], "big")
-                    if len(key) != key_bytes or index <= last:
-                        raise self._corrupt(
-                            f"invocation {invocation_id!r}: {key_text(key)} is out of place"
-                        )
-                    last = index
-                    found.append((index, value))
-            # The first and the last key read (their keys: shape and prefix are checked).
-            ends = sorted(
-                {entry_key(hashed, found[0][0]), entry_key(hashed, last)} if found else ()
-            )
+                    found.append(record)
+            ends = [key for key, _ in found[:1] + found[1:][-1:]]
             self._check_around(txn, invocation_id, hashed, start, before, ends, after)
             return found
 
-        entries = []
-        for index, value in env.read(op):
-            try:
-                entry = decode_entry(value, invocation_id)
-            except JournalCorrupt as exc:
-                raise self._corrupt(f"invocation {invocation_id!r} entry {index}: {exc}") from exc
-            if entry.index != index:
-                raise self._corrupt(
-                    f"invocation {invocation_id!r}: the record under entry {index}'s key is "
-                    f"entry {entry.index}'s: the key is damaged"
-                )
-            entries.append(entry)
+        found = env.read(op)
+        if not found:
+            return []
+        keys, values = zip(*found, strict=True)
+        try:
+            entries = [decode_entry(value, invocation_id) for value in values]
+        except JournalCorrupt:
+            entries = []
+            for key, value in found:  # which one, for the message
+                try:
+                    entries.append(decode_entry(value, invocation_id))
+                except JournalCorrupt as exc:
+                    raise self._corrupt(
+                        f"invocation {invocation_id!r} {key_text(key)}: {exc}"
+                    ) from exc
+        # Each record holds its index: it must be the one its key says, so a key
+        # damaged into another index of the same invocation is caught. In bulk:
+        # replay reads thousands of entries at once.
+        indexes = _key_indexes(keys, len(first))
+        if indexes is None:
+            raise self._corrupt(f"invocation {invocation_id!r}: an entry key has another length")
+        if list(map(_INDEX_OF, entries)) != indexes:
+            key, entry = next(
+                (key, entry)
+                for key, entry, index in zip(keys, entries, indexes, strict=True)
+                if entry.index != index
+            )
+            raise self._corrupt(
+                f"invocation {invocation_id!r}: the record under {key_text(key)} is "
+                f"entry {entry.index}'s: the key is damaged"
+            )
+        if not _in_order(indexes):
+            raise self._corrupt(f"invocation {invocation_id!r}: its entry keys are out of order")
         return entries
 
     def _check_around(
@@ -410,9 +449,9 @@ class LMDBBackend:
 
         A damaged key keeps its place among the keys. The two keys before
         the entries read and the two after must be in order with them (else
-        the search may have been misled past some of them), of a shape this
-        layout writes, and not bound to this id (else an entry of it is
-        stored under a damaged key).
+        the search may have been misled past some of them) and of a shape
+        this layout writes; the nearest on each side must not be bound to
+        this id (else an entry of it is stored under a damaged key).
         """
         first = entry_key(hashed, start)
         keys = [key for key, _ in before] + ends + [key for key, _ in after]
@@ -425,8 +464,16 @@ class LMDBBackend:
             raise self._corrupt(
                 f"invocation {invocation_id!r}: the keys around its entries are out of order"
             )
-        for key, value in before + after:
+        # A damaged key of ours would be the nearest on either side (or, with the
+        # search misled, the nearest before, out of order with the one before it).
+        for key, value in before[-1:] + after[:1]:
             self._check_neighbour(txn, invocation_id, hashed, key, value, start)
+        for key, _ in before[:-1] + after[1:]:
+            if key_kind(key) is None:
+                raise self._corrupt(
+                    f"{key_text(key)}, near the entries of {invocation_id!r}, is of no shape "
+                    "runjournal writes: a key is damaged"
+                )
 
     def _check_neighbour(
         self,
