@@ -63,6 +63,8 @@ from runjournal.backends.lmdb._pages import (
     newest,
     overflow_page_count,
     parse_meta,
+    root_problems,
+    txnid_problems,
 )
 from runjournal.journal import (
     BackendUnavailable,
@@ -980,3 +982,60 @@ def test_a_report_names_a_child_killed_by_a_signal_or_stuck() -> None:
     assert failed.problems[0].what == "the check itself failed: ValueError: boom"
     ok = _report("/j", '{"pages": 3, "invocations": 1, "entries": 2}\n', "", 0, None)
     assert ok.ok and str(ok) == "/j: ok (1 invocations, 2 entries, 3 pages)"
+
+
+def test_a_txnid_damaged_by_two_is_caught_by_the_free_tree(tmp_path: Path) -> None:
+    # Each commit lists the pages it freed under its txnid: the free tree of the
+    # meta page LMDB reads must end at that txnid, or LMDB would silently read
+    # the commit before the last.
+    path = _journal(tmp_path / "j")
+    first, second = _metas(path)
+    current = newest(first, second)
+    fd = os.open(path / "data.mdb", os.O_RDONLY)
+    try:
+        pages = PageFile(fd, current.page_size, os.fstat(fd).st_size)
+        assert txnid_problems(pages, first) == txnid_problems(pages, second) == []
+        relabelled = attrs.evolve(current, txnid=current.txnid - 2)
+        other = second if current is first else first
+        assert meta_pair_problems(*sorted([relabelled, other], key=lambda m: m.number)) == []
+        assert "the txnid is damaged" in txnid_problems(pages, relabelled)[0]
+    finally:
+        os.close(fd)
+    offset = current.number * current.page_size + META_BYTES - 8  # the txnid's low byte
+    with open(path / "data.mdb", "r+b") as f:
+        f.seek(offset)
+        low = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([low ^ 0x02]))
+    with pytest.raises(JournalCorrupt, match="the txnid is damaged|not consecutive"):
+        examine(str(path))
+
+
+def test_each_meta_page_holds_txnids_of_its_parity() -> None:
+    meta = parse_meta(bytes(META_BYTES), 0)
+    pair = [attrs.evolve(meta, number=n, txnid=t) for n, t in enumerate((0, 0))]
+    assert meta_pair_problems(*pair) == []
+    for txnids, ok in [((4, 3), True), ((4, 5), True), ((3, 4), False), ((3, 3), False)]:
+        pair = [attrs.evolve(meta, number=n, txnid=t) for n, t in enumerate(txnids)]
+        assert (meta_pair_problems(*pair) == []) is ok, txnids
+
+
+def test_a_root_number_pointing_to_a_stale_tree_is_caught(tmp_path: Path) -> None:
+    # A freed root of an older tree is a consistent, stale journal: the root
+    # must not be a free page, and must be of the type the depth asks for.
+    path = _journal(tmp_path / "j")
+    with LMDBBackend.open(path) as journal:
+        journal.delete_invocation("real-000")
+    current = newest(*_metas(path))
+    walk, _, free = _walk(path)
+    fd = os.open(path / "data.mdb", os.O_RDONLY)
+    try:
+        pages = PageFile(fd, current.page_size, os.fstat(fd).st_size)
+        assert root_problems(pages, current, free) == []
+        stale = attrs.evolve(current, main=attrs.evolve(current.main, root=min(free)))
+        assert "is a free page" in root_problems(pages, stale, free)[0]
+        assert walk.db.depth > 1
+        shallow = attrs.evolve(current, main=attrs.evolve(current.main, depth=1))
+        assert "is not the leaf page" in root_problems(pages, shallow, None)[0]
+    finally:
+        os.close(fd)

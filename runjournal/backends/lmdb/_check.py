@@ -50,6 +50,8 @@ from runjournal.backends.lmdb._pages import (
     meta_problems,
     newest,
     parse_meta,
+    root_problems,
+    txnid_problems,
 )
 from runjournal.backends.lmdb._url import path_from_url
 from runjournal.journal import (
@@ -79,6 +81,10 @@ DATA_FILE: Final = "data.mdb"
 HALF_CREATED_WAIT: Final = 1.0
 _OS_PAGE_SIZE: Final = 4096
 _LOOKS: Final = 5  # how often a file that looks damaged is examined before it is refused
+# The free tree is read at every open while it is at most this many pages (a
+# few, usually): the main tree's root must not be a free page.
+_FREE_TREE_READ: Final = 64
+_BUSY_LOOKING: Final = 2.0  # how long looks are repeated while commits keep landing
 _STATUS_OF_LETTER: Final = {prefix[1]: status for status, prefix in STATUS_PREFIX.items()}
 
 
@@ -153,45 +159,72 @@ def _read_metas(path: str, fd: int) -> tuple[Meta, Meta]:
 
 
 def _examine(path: str, fd: int) -> Meta:
-    current = newest(*_read_metas(path, fd))
+    metas = _read_metas(path, fd)
+    current = newest(*metas)
     # The size after the meta: a commit writes its pages before its meta page.
     size = os.fstat(fd).st_size
     needed = (current.last_page + 1) * current.page_size
-    if size >= needed:
-        return current
+    pages = PageFile(fd, current.page_size, size)
+    free = _free_pages(pages, current, always=size < needed)
     # A commit may leave its last pages unwritten when it freed them again
     # (LMDB's "loose" pages): a short file is sound if every page past its
-    # end is listed free. The free tree is small; this runs only then.
-    pages = PageFile(fd, current.page_size, size)
+    # end is listed free.
+    if size < needed and not (
+        free is not None
+        and all(number in free for number in range(pages.pages, current.last_page + 1))
+    ):
+        raise _corrupt(
+            path,
+            f"it is {size} bytes, but LMDB's pages reach page {current.last_page} "
+            f"(byte {needed}): the file was truncated",
+        )
+    for meta in metas:
+        try:
+            problems = txnid_problems(pages, meta)
+        except PageError as exc:
+            problems = [f"meta page {meta.number}'s free-page tree: {exc}"]
+        if problems:
+            raise _corrupt(path, "; ".join(problems))
     try:
-        walk = TreeWalk(pages, current.free, current.last_page, "free", integer_keys=True)
-        free = free_pages_of(walk)
+        problems = root_problems(pages, current, free)
+    except PageError as exc:
+        problems = [f"the main tree's root: {exc}"]
+    if problems:
+        raise _corrupt(path, "; ".join(problems))
+    return current
+
+
+def _free_pages(pages: PageFile, meta: Meta, *, always: bool) -> set[int] | None:
+    """The free pages, if the free tree is small (or ``always``); None if it is
+    not read, or damaged (then the txnid check names the damage)."""
+    tree = meta.free
+    if not always and tree.branch_pages + tree.leaf_pages + tree.overflow_pages > _FREE_TREE_READ:
+        return None
+    try:
+        return free_pages_of(TreeWalk(pages, tree, meta.last_page, "free", integer_keys=True))
     except PageError:
-        free = set()
-    if all(number in free for number in range(pages.pages, current.last_page + 1)):
-        return current
-    raise _corrupt(
-        path,
-        f"it is {size} bytes, but LMDB's pages reach page {current.last_page} "
-        f"(byte {needed}): the file was truncated",
-    )
+        return None
 
 
 def check_before_open(path: str, *, wait: float | None = None) -> Meta | None:
     """:func:`examine`, waiting out a file another process is creating right now.
 
     An empty ``data.mdb`` is waited on for up to ``wait`` seconds (default
-    :data:`HALF_CREATED_WAIT`), then refused. A file found damaged is looked
-    at a few more times first: without a reader slot, a read can meet a
-    commit under way (its meta page half-written, or the two meta pages read
-    on either side of two commits); damage stays, a commit passes.
+    :data:`HALF_CREATED_WAIT`), then refused. Without a reader slot, a look
+    can meet commits of another process: pages of the older meta page's
+    tree reused, a meta page half-written. So a file found damaged is looked
+    at again: if a commit landed meanwhile, what was read proves nothing
+    (when commits keep landing, the file is left to LMDB: a process writes
+    it); damage found on a few quiet looks is damage.
 
     Raises:
         JournalCorrupt, BackendUnavailable: see :func:`examine`.
     """
     deadline = time.monotonic() + (HALF_CREATED_WAIT if wait is None else wait)
+    busy_until = time.monotonic() + _BUSY_LOOKING
     looks = 0
     while True:
+        seen = _txnids(path)
         try:
             return examine(path)
         except HalfCreated:
@@ -203,10 +236,36 @@ def check_before_open(path: str, *, wait: float | None = None) -> Meta | None:
                 ) from None
             time.sleep(0.01)
         except JournalCorrupt:
+            if _txnids(path) != seen:
+                if time.monotonic() >= busy_until:
+                    return None
+                continue
             looks += 1
             if looks >= _LOOKS:
                 raise
             time.sleep(0.002 * looks)
+
+
+def _txnids(path: str) -> tuple[int, ...]:
+    """The txnids of the meta pages, as far as they can be read (one of them
+    changes with every commit)."""
+    try:
+        fd = os.open(os.path.join(path, DATA_FILE), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return ()
+    try:
+        txnids = []
+        at = 0
+        for number in (0, 1):
+            raw = os.pread(fd, META_BYTES, at)
+            if len(raw) < META_BYTES:
+                break
+            meta = parse_meta(raw, number)
+            txnids.append(meta.txnid)
+            at = _OS_PAGE_SIZE if meta_problems(meta) else meta.page_size
+        return tuple(txnids)
+    finally:
+        os.close(fd)
 
 
 # -- verify --------------------------------------------------------------------------
@@ -477,10 +536,7 @@ def child_main(argv: Sequence[str] | None = None) -> None:
         return
     sound = True
     try:
-        examine(path)
-    except HalfCreated:
-        _say(where=DATA_FILE, what="is empty (0 bytes)")
-        return
+        check_before_open(path, wait=0)  # looks again if another process commits meanwhile
     except JournalError as exc:
         _say(where=DATA_FILE, what=str(exc))
         sound = False

@@ -39,6 +39,7 @@ __all__ = [
     "free_pages_of",
     "meta_problems",
     "meta_pair_problems",
+    "txnid_problems",
     "newest",
     "overflow_page_count",
     "parse_meta",
@@ -196,11 +197,17 @@ def meta_pair_problems(first: Meta, second: Meta) -> list[str]:
     """What is wrong with the two (each sane) meta pages together.
 
     Each commit writes its txnid to the meta page of its parity, so the two
-    always hold consecutive txnids (both 0 in a new file); any other pair
-    means one txnid is damaged, and LMDB may read an older state than the
-    last commit.
+    always hold consecutive txnids, the even one on page 0 (both 0 in a new
+    file); any other pair means one txnid is damaged, and LMDB may read an
+    older state than the last commit. (A txnid damaged by 2 keeps both
+    rules: :func:`txnid_problems` catches that.)
     """
     problems = []
+    if (first.txnid or second.txnid) and (first.txnid % 2, second.txnid % 2) != (0, 1):
+        problems.append(
+            f"meta page 0 holds transaction {first.txnid} and meta page 1 transaction "
+            f"{second.txnid}: each commit writes the page of its txnid's parity"
+        )
     if first.page_size != second.page_size:
         problems.append(
             f"the meta pages disagree on the page size ({first.page_size}, {second.page_size})"
@@ -211,6 +218,54 @@ def meta_pair_problems(first: Meta, second: Meta) -> list[str]:
             "which are not consecutive: one of them is damaged"
         )
     return problems
+
+
+def txnid_problems(pages: PageFile, meta: Meta) -> list[str]:
+    """What is wrong with a (sane) meta page's txnid, against its free tree.
+
+    A commit that changed anything frees the pages it copied and lists them
+    in the free tree under its own txnid, so from the second commit on the
+    free tree's largest key is the txnid of the meta page that points to it.
+
+    Raises:
+        PageError: a page of the free tree's right edge is damaged or missing.
+    """
+    if meta.txnid < 2:
+        return []
+    walk = TreeWalk(pages, meta.free, meta.last_page, "free", integer_keys=True)
+    last = walk.last_key()
+    if last == meta.txnid:
+        return []
+    return [
+        f"meta page {meta.number} says transaction {meta.txnid}, but its free-page tree "
+        f"was last written by transaction {last}: the txnid is damaged"
+    ]
+
+
+def root_problems(pages: PageFile, meta: Meta, free: set[int] | None) -> list[str]:
+    """What is wrong with the main tree's root page, as the meta page names it.
+
+    Its header must name it and be of the type the tree's depth asks for; and
+    it must not be a free page (``free``, if known): a damaged root number can
+    point to a root of an older tree, consistent and stale.
+
+    Raises:
+        PageError: the root page lies beyond the end of the file.
+    """
+    root = meta.main.root
+    if root == P_INVALID:
+        return []
+    if free is not None and root in free:
+        return [f"the main tree's root, page {root}, is a free page: the meta page is damaged"]
+    header, _, flags, _, _ = _HEADER.unpack_from(pages.read(root), 0)
+    expected = P_LEAF if meta.main.depth == 1 else P_BRANCH
+    if header != root or flags != expected:
+        kind = "leaf" if expected == P_LEAF else "branch"
+        return [
+            f"the main tree's root, page {root}, is not the {kind} page a tree of depth "
+            f"{meta.main.depth} starts with: the meta page is damaged"
+        ]
+    return []
 
 
 def newest(first: Meta, second: Meta) -> Meta:
@@ -325,6 +380,23 @@ class TreeWalk:
             value_at = _PGNO.unpack_from(page, offset)[0] * page_size + PAGE_HEADER_BYTES
         key_at = number * page_size + offset - len(key)
         self.locations.append((key_at, len(key), value_at, size))
+
+    def last_key(self) -> Any:
+        """The tree's largest key (an int for integer keys), None if it is empty:
+        the pages on its right edge only.
+
+        Raises:
+            PageError: a page on the way is damaged.
+        """
+        number, level = self.db.root, 0
+        if number == P_INVALID:
+            return None
+        while True:
+            leaf = level == self.db.depth - 1
+            nodes = self._nodes(number, self._page(number), leaf=leaf)
+            if leaf:
+                return self._sort_key(number, nodes[-1][0])
+            number, level = nodes[-1][2], level + 1
 
     def _page(self, number: int) -> bytes:
         if not 2 <= number <= self.last_page:
