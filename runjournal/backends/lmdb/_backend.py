@@ -72,20 +72,34 @@ def _here(cursor: lmdb.Cursor) -> tuple[bytes, bytes]:
     return bytes(cursor.key()), bytes(cursor.value())
 
 
-def _before(txn: lmdb.Transaction, target: bytes) -> list[tuple[bytes, bytes]]:
-    """The two records before the first key >= ``target`` (fewer at the start),
-    nearest last, as a search from the root finds them.
+def _seek(
+    txn: lmdb.Transaction, target: bytes
+) -> tuple[lmdb.Cursor, bool, list[tuple[bytes, bytes]]]:
+    """A cursor at the first key >= ``target`` (and whether there is one), and the
+    two records before it (fewer at the start), nearest last.
 
-    A separate cursor: a positioned cursor searches from where it is, and
-    with a damaged key breaking the order, may land elsewhere.
+    One search, from the root of a new cursor: a positioned cursor searches
+    from where it is and, with a damaged key breaking the order, may land
+    elsewhere. The records before are stepped to, and back.
     """
     cursor = txn.cursor()
-    found: list[tuple[bytes, bytes]] = []
-    moved = cursor.prev() if cursor.set_range(target) else cursor.last()
-    while moved and len(found) < 2:
-        found.append(_here(cursor))
-        moved = cursor.prev()
-    return found[::-1]
+    before: list[tuple[bytes, bytes]] = []
+    if not cursor.set_range(target):
+        moved = cursor.last()
+        while moved and len(before) < 2:
+            before.append(_here(cursor))
+            moved = cursor.prev()
+        return cursor, False, before[::-1]
+    while len(before) < 2 and cursor.prev():
+        before.append(_here(cursor))
+    if len(before) == 2:
+        cursor.next()
+        cursor.next()
+    else:  # a step back fell off the start: count from the first record
+        cursor.first()
+        for _ in before:
+            cursor.next()
+    return cursor, True, before[::-1]
 
 
 def _after(cursor: lmdb.Cursor, key: bytes, value: bytes) -> list[tuple[bytes, bytes]]:
@@ -306,9 +320,8 @@ class LMDBBackend:
         invocation key whose record holds this id, or out of order (then the
         search may have missed the record).
         """
-        near = _before(txn, key)
-        cursor = txn.cursor()
-        if cursor.set_range(key):
+        cursor, landed, near = _seek(txn, key)
+        if landed:
             near += _after(cursor, *_here(cursor))
         if not _in_order([k for k, _ in near]):
             raise self._corrupt(f"keys near where {invocation_id!r} belongs are out of order")
@@ -386,11 +399,10 @@ class LMDBBackend:
         size = len(prefix)
 
         def op(txn: lmdb.Transaction) -> list[tuple[bytes, bytes]]:
-            before = _before(txn, first)
+            cursor, landed, before = _seek(txn, first)
             after: list[tuple[bytes, bytes]] = []
-            cursor = txn.cursor()
             found: list[tuple[bytes, bytes]] = []
-            if cursor.set_range(first):
+            if landed:
                 for record in _records(cursor):
                     if record[0][:size] != prefix:
                         after = _after(cursor, *record)
@@ -577,11 +589,10 @@ class LMDBBackend:
             ids = []
             for listed in wanted:
                 prefix = STATUS_PREFIX[listed]
-                before = _before(txn, prefix)
+                cursor, landed, before = _seek(txn, prefix)
                 after: list[tuple[bytes, bytes]] = []
-                cursor = txn.cursor()
                 keys: list[bytes] = []
-                if cursor.set_range(prefix):
+                if landed:
                     for key, value in _records(cursor):
                         if key[: len(prefix)] != prefix:
                             after = _after(cursor, key, value)
@@ -593,11 +604,11 @@ class LMDBBackend:
                         keys.append(key)
                         ids.append(self._indexed(txn, listed, key, value))
                 around = [key for key, _ in before] + keys[:1] + keys[-1:] + [k for k, _ in after]
-                landed = (keys or [k for k, _ in after])[:1]
+                first = (keys or [k for k, _ in after])[:1]
                 if (
                     not _in_order(list(dict.fromkeys(around)))
                     or any(key >= prefix for key, _ in before)
-                    or (landed and landed[0] < prefix)
+                    or (first and first[0] < prefix)
                 ):
                     raise self._corrupt("the keys around the status index are out of order")
                 for key, _ in before + after:
