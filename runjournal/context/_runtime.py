@@ -13,7 +13,7 @@ import random
 import threading
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -887,14 +887,7 @@ class Runtime:
             else:
                 started[self._submit_recovery(stored)] = stored
         done, _ = concurrent.futures.wait(started, timeout=limit)
-        for fut, stored in started.items():
-            if fut in done:
-                results[stored.id] = fut.result()
-            else:
-                results[stored.id] = RecoveryResult(
-                    stored.id, stored.handler, InvocationStatus.PENDING, running=True
-                )
-        return [results[i] for i in sorted(results)]
+        return _gathered(results, started, done)
 
     def start_recovery(self, interval: Duration | None = None) -> None:
         """Keep taking over orphaned invocations in the background, until :meth:`close`.
@@ -1064,14 +1057,7 @@ class Runtime:
         done: set[asyncio.Task[RecoveryResult]] = set()
         if started:
             done, _ = await asyncio.wait(started, timeout=limit)
-        for task, stored in started.items():
-            if task in done:
-                results[stored.id] = task.result()
-            else:
-                results[stored.id] = RecoveryResult(
-                    stored.id, stored.handler, InvocationStatus.PENDING, running=True
-                )
-        return [results[i] for i in sorted(results)]
+        return _gathered(results, started, done)
 
     def _spawn_recovery(
         self, stored: Invocation, gate: asyncio.Semaphore
@@ -1244,6 +1230,23 @@ async def _await_event(event: threading.Event, deadline: float | None) -> bool:
 
 def _when(wall: float) -> str:
     return time.strftime("%H:%M:%S", time.localtime(wall))
+
+
+def _gathered(
+    results: dict[str, RecoveryResult],
+    started: Mapping[Any, Invocation],
+    done: Collection[Any],
+) -> list[RecoveryResult]:
+    """``results`` with those of the recoveries ``started`` (futures or tasks): their own
+    if ``done``, else still running. In id order."""
+    for future, stored in started.items():
+        if future in done:
+            results[stored.id] = future.result()
+        else:
+            results[stored.id] = RecoveryResult(
+                stored.id, stored.handler, InvocationStatus.PENDING, running=True
+            )
+    return [results[i] for i in sorted(results)]
 
 
 def _recovery_error(stored: Invocation, exc: Exception) -> RecoveryResult:
