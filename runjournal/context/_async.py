@@ -23,7 +23,7 @@ import asyncio
 import contextvars
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Generator, Iterable
-from typing import Any, NoReturn, TypeVar, overload
+from typing import Any, NoReturn, TypeVar, cast, overload
 
 from runjournal.context._attempt import Attempt, Step, is_async_callable
 from runjournal.context._cursor import describe
@@ -704,13 +704,14 @@ class AsyncContext:
         """Start ``fn`` now as a task; ``await`` the future for its journaled result."""
         return self._attempt.arun_async(fn, name, options, option_kwargs)
 
-    def wait_first(self, *futs: RunFuture[Any]) -> Coroutine[Any, Any, RunFuture[Any]]:
+    def wait_first(self, *futs: AsyncRunFuture[Any]) -> Coroutine[Any, Any, AsyncRunFuture[Any]]:
         """``await`` the first of ``futs`` to complete, the same one on every replay."""
-        return self._attempt.await_first(futs)
+        # The futures of an async attempt are AsyncRunFutures (checked when called).
+        return cast("Coroutine[Any, Any, AsyncRunFuture[Any]]", self._attempt.await_first(futs))
 
-    def wait(self, *futs: RunFuture[Any]) -> AsyncIterator[RunFuture[Any]]:
+    def wait(self, *futs: AsyncRunFuture[Any]) -> AsyncIterator[AsyncRunFuture[Any]]:
         """``async for`` over ``futs`` in completion order, the same on every replay."""
-        return self._attempt.await_all(futs)
+        return cast("AsyncIterator[AsyncRunFuture[Any]]", self._attempt.await_all(futs))
 
     def __repr__(self) -> str:
         return (
