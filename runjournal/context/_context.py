@@ -1,7 +1,7 @@
 """The handler's view of a durable invocation: ``ctx.run`` and friends.
 
 A :class:`Context` is a front door onto one invocation attempt
-(:class:`~runjournal.context._attempt.Attempt`): it holds no state of its own.
+(the ``Attempt`` the Runtime drives): it holds no state of its own.
 """
 
 from __future__ import annotations

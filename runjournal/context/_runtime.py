@@ -172,7 +172,7 @@ class Runtime:
             :meth:`start_recovery` run at once (8).
         rng: draws retry jitter (seed it in tests).
         tracing: OpenTelemetry spans for invocations and steps (see
-            :mod:`runjournal.context._tracing`); None (default) traces when
+            the README's "Logs and traces"); None (default) traces when
             ``opentelemetry-api`` is installed (the ``otel`` extra).
         tracer_provider: where the spans go (default: the global provider).
         trace_replays: also make a span for each replayed step.
@@ -332,10 +332,9 @@ class Runtime:
         """
         spec = self._spec(handler)
         inv_id, input_bytes, deadline = self._prepare(spec, input, invocation_id, timeout)
-        if spec.is_async:
-            self._warn_if_blocking("invoke")
-            return self._on_loop(self._ainvoke(spec, inv_id, input_bytes, deadline))
         self._warn_if_blocking("invoke")
+        if spec.is_async:
+            return self._on_loop(self._ainvoke(spec, inv_id, input_bytes, deadline))
         return self._invoke(spec, inv_id, input_bytes, deadline)
 
     async def ainvoke(

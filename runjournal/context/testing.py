@@ -1,7 +1,7 @@
 """Test your own handlers: crashes simulated at a chosen journal step.
 
 Needs nothing but runjournal (not pytest). The pytest plugin runjournal
-installs (:mod:`runjournal._pytest_plugin`) binds these to fixtures:
+installs (entry point ``pytest11``, ``runjournal``) binds these to fixtures:
 ``runjournal_runtime``, ``runjournal_backend``, ``runjournal_crash`` and
 ``runjournal_testing``.
 

@@ -391,7 +391,7 @@ def acquire(
         BackendUnavailable: it cannot be opened (see :func:`prepare_directory`,
             :func:`check_layout`).
         JournalCorrupt: its files are damaged (see
-            :func:`~runjournal.backends.lmdb._check.check_before_open`).
+            ``check_before_open`` in the check module).
     """
     real = os.path.realpath(os.fspath(path))
     with _environments_lock:
